@@ -1,0 +1,217 @@
+"""Task sequences as data.
+
+A :class:`Benchmark` is an ordered list of :class:`Task` objects. Each task is one dataset (X-TAIL) or
+one slice of a dataset (``mini-tail``) with its own class names; label spaces are disjoint and every
+class gets a *global* index = the task's offset + its local label. Images are read lazily through an
+:class:`ImageSource`, so building a benchmark is cheap and only the cache extraction touches pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Missing or malformed data on disk; the message names the file or folder."""
+
+
+class ImageSource(Protocol):
+    """Random access to the images of one split; ``labels`` are the task's local labels."""
+
+    labels: np.ndarray  # [N] int64, local to the task
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Any:  # -> PIL.Image.Image (RGB)
+        ...
+
+    def fingerprint(self) -> str:
+        """A short string that changes when the content changes (used in the cache key)."""
+        ...
+
+
+@dataclass
+class ArrayImages:
+    """Images held in memory as a uint8 array ``[N, H, W]`` (grey) or ``[N, H, W, 3]`` (RGB)."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    ids: Sequence[str] | None = None
+    origin: str = ""  # what the pixels were read from, for the fingerprint
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def load(self, index: int) -> Any:
+        from PIL import Image
+
+        arr = self.pixels[index]
+        img = Image.fromarray(arr)
+        return img.convert("RGB")
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.origin.encode())
+        h.update(np.ascontiguousarray(self.labels).tobytes())
+        h.update(str(self.pixels.shape).encode())
+        # Hashing all pixels is cheap for the small in-memory datasets this class serves.
+        h.update(np.ascontiguousarray(self.pixels).tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class FileImages:
+    """Images stored as files; ``paths`` are relative to ``root``."""
+
+    root: Path
+    paths: Sequence[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Any:
+        from PIL import Image, UnidentifiedImageError
+
+        path = Path(self.root) / self.paths[index]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"image not found: {path}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise DataError(f"unreadable image {path}: {exc}") from None
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(str(Path(self.root).resolve()).encode())
+        for p, y in zip(self.paths, self.labels.tolist()):
+            h.update(f"{p}\t{y}\n".encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class Subset:
+    """A view of another source restricted to ``indices`` (few-shot sampling, label slices)."""
+
+    base: ImageSource
+    indices: np.ndarray
+    label_map: Callable[[np.ndarray], np.ndarray] | None = None
+    labels: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        raw = np.asarray(self.base.labels)[self.indices]
+        self.labels = (self.label_map(raw) if self.label_map else raw).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(len(self.indices))
+
+    def load(self, index: int) -> Any:
+        return self.base.load(int(self.indices[index]))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.base.fingerprint().encode())
+        h.update(np.asarray(self.indices, dtype=np.int64).tobytes())
+        h.update(self.labels.tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class Task:
+    """One step of the continual sequence."""
+
+    name: str  # unique within the benchmark; also the column name of the accuracy matrix
+    class_names: list[str]
+    train: ImageSource
+    test: ImageSource
+    epochs: int  # default epochs for this task (the benchmark's schedule)
+    augment: bool = True  # RandomResizedCrop + flip for training views (False for MNIST, EuroSAT)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(np.asarray(self.train.labels, dtype=np.int64), minlength=self.num_classes)
+
+
+@dataclass
+class Benchmark:
+    name: str
+    tasks: list[Task]
+    description: str = ""
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c for t in self.tasks for c in t.class_names]
+
+    @property
+    def offsets(self) -> list[int]:
+        out, acc = [], 0
+        for t in self.tasks:
+            out.append(acc)
+            acc += t.num_classes
+        return out
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def spec(self) -> dict[str, Any]:
+        """What identifies the data (used in the cache key): names, classes, content fingerprints."""
+        return {
+            "benchmark": self.name,
+            "tasks": [
+                {
+                    "name": t.name,
+                    "classes": t.class_names,
+                    "augment": t.augment,
+                    "train": t.train.fingerprint(),
+                    "test": t.test.fingerprint(),
+                }
+                for t in self.tasks
+            ],
+        }
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> "Benchmark":
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise DataError(f"benchmark {self.name}: task names must be unique, got {names}")
+        for t in self.tasks:
+            for split, src in (("train", t.train), ("test", t.test)):
+                labels = np.asarray(src.labels)
+                if len(src) == 0:
+                    raise DataError(f"benchmark {self.name}: task {t.name} has no {split} images")
+                if labels.min() < 0 or labels.max() >= t.num_classes:
+                    raise DataError(f"benchmark {self.name}: task {t.name} {split} labels out of range")
+        return self
+
+
+def few_shot_indices(labels: np.ndarray, shots: int, seed: int, num_classes: int | None = None) -> np.ndarray:
+    """``shots`` indices per class, sampled with a fixed seed; with replacement for a class that has
+    fewer than ``shots`` images (X-TAIL protocol, method page section 7). Sorted by class, then draw."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n_cls = int(num_classes if num_classes is not None else labels.max() + 1)
+    rng = np.random.default_rng(seed)
+    out: list[np.ndarray] = []
+    for c in range(n_cls):
+        idx = np.flatnonzero(labels == c)
+        if idx.size == 0:
+            raise DataError(f"class {c} has no training images; cannot sample {shots} shots")
+        replace = idx.size < shots
+        out.append(np.sort(rng.choice(idx, size=shots, replace=replace)) if not replace else rng.choice(idx, size=shots, replace=True))
+    return np.concatenate(out)
+
+
+def scale_epochs(epochs: int, scale: float) -> int:
+    return max(1, int(round(epochs * scale)))
