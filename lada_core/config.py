@@ -274,6 +274,11 @@ def parse_set(item: str) -> tuple[str, Any]:
         value = raw
     if isinstance(value, (dict, list)):
         raise ConfigError(f"--set {key}: expected a single value, got {raw!r}")
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            pass
     # Strings that YAML reads as numbers but whose field is a string (a model name like "1e3") are
     # handled by _coerce failing; keep the raw text available for str fields.
     section, _, name = key.partition(".")

@@ -1,0 +1,192 @@
+"""The only importer of open_clip: model, transforms and tokenizer.
+
+``load_backbone(model, pretrained)`` loads any open_clip architecture by name with a pretrained tag
+(``openai``, ``laion2b_s34b_b88k``, ...), a local checkpoint path, or ``None`` (random init, used by
+the tests). Extra JSON model configs (the tests' tiny models) are registered with
+:func:`register_model_configs`.
+
+Transforms follow the method page, section 7: train = RandomResizedCrop(size, bicubic) + horizontal
+flip (none for datasets marked ``augment=False``: MNIST, EuroSAT); test = Resize(size, bicubic) +
+CenterCrop(size). Both end with the model's own normalisation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+RANDOM_INIT_SEED = 0
+
+
+class BackboneError(ValueError):
+    """An unknown model, a missing checkpoint or weights that cannot be fetched (one-line message)."""
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module  # open_clip CLIP, frozen, eval mode
+    name: str
+    pretrained: str | None
+    image_size: int
+    train_transform: Callable[[Any], torch.Tensor]
+    test_transform: Callable[[Any], torch.Tensor]
+    plain_transform: Callable[[Any], torch.Tensor]  # train-time transform of augment=False datasets
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    transform_desc: str  # identifies the transforms in the cache key
+
+    @property
+    def embed_dim(self) -> int:
+        proj = self.text_module.text_projection
+        if isinstance(proj, torch.nn.Linear):
+            return int(proj.out_features)
+        return int(proj.shape[1])
+
+    @property
+    def text_module(self) -> torch.nn.Module:
+        """The module holding the text tower's parts (CLIP itself, or CustomTextCLIP.text)."""
+        return getattr(self.model, "text", None) or self.model
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen ``encode_image`` (unnormalised features, float32)."""
+        with torch.no_grad():
+            return self.model.encode_image(pixels).float()
+
+
+def register_model_configs(path: str | Path) -> None:
+    """Register extra open_clip JSON model configs (a folder of ``<name>.json`` files, or one file)."""
+    import open_clip
+
+    p = Path(path)
+    if not p.exists():
+        raise BackboneError(f"model config folder not found: {p}")
+    open_clip.add_model_config(p)
+
+
+def _is_path_like(pretrained: str) -> bool:
+    return (
+        os.sep in pretrained
+        or pretrained.startswith(".")
+        or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+    )
+
+
+def model_names() -> list[str]:
+    import open_clip
+
+    return list(open_clip.list_models())
+
+
+def check_model(name: str, pretrained: str | None, model_config_dir: str | None = None) -> None:
+    """Validate the model name and the pretrained source without building anything."""
+    import open_clip
+
+    if model_config_dir:
+        register_model_configs(model_config_dir)
+    if name not in open_clip.list_models():
+        known = open_clip.list_models()
+        close = [m for m in known if name.lower().split("-")[0] in m.lower()][:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise BackboneError(f"unknown open_clip model {name!r}{hint}; see open_clip.list_models()")
+    if pretrained and _is_path_like(pretrained) and not Path(pretrained).is_file():
+        raise BackboneError(f"checkpoint file not found: {pretrained}")
+    if pretrained and not _is_path_like(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise BackboneError(
+                f"unknown pretrained tag {pretrained!r} for {name} (valid: {', '.join(tags) or 'none'}; "
+                f"or a local checkpoint path, or null for random init)"
+            )
+
+
+def load_backbone(
+    name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    model_config_dir: str | None = None,
+) -> Backbone:
+    """Load an open_clip model, frozen (no parameter requires grad) and in eval mode."""
+    import open_clip
+    from torchvision import transforms as T
+
+    check_model(name, pretrained, model_config_dir)
+    try:
+        # Random init (pretrained=None, the tests' models) is seeded, so that every process that
+        # loads the model (cache extraction, each trial) gets the same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
+    except BackboneError:
+        raise
+    except Exception as exc:  # network failure, corrupt checkpoint, ...
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        if pretrained and not _is_path_like(pretrained):
+            raise BackboneError(
+                f"could not fetch pretrained weights {name}/{pretrained} ({first}); without network, "
+                f"download the checkpoint elsewhere and pass its path: --set backbone.pretrained=/path/to/ckpt.pt"
+            ) from None
+        raise BackboneError(f"could not load {name} from {pretrained}: {first}") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    normalize = next((t for t in getattr(preprocess, "transforms", []) if isinstance(t, T.Normalize)), None)
+    if normalize is None:  # pragma: no cover - every open_clip transform ends with Normalize
+        raise BackboneError(f"{name}: could not find the model's normalisation")
+    bicubic = T.InterpolationMode.BICUBIC
+    rgb = T.Lambda(_to_rgb)
+    test_tf = T.Compose([rgb, T.Resize(size, interpolation=bicubic), T.CenterCrop(size), T.ToTensor(), normalize])
+    train_tf = T.Compose(
+        [rgb, T.RandomResizedCrop(size, interpolation=bicubic), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+    )
+    desc = (
+        f"arch={identity(name, pretrained)};size={size};test=Resize(bicubic)+CenterCrop;train=RandomResizedCrop(bicubic,scale=(0.08,1))+HFlip;"
+        f"mean={list(normalize.mean)};std={list(normalize.std)}"
+    )
+    return Backbone(
+        model=model,
+        name=name,
+        pretrained=pretrained,
+        image_size=size,
+        train_transform=train_tf,
+        test_transform=test_tf,
+        plain_transform=test_tf,
+        tokenizer=open_clip.get_tokenizer(name),
+        transform_desc=desc,
+    )
+
+
+def identity(name: str, pretrained: str | None) -> str:
+    """A hash of what determines the weights: the architecture's JSON config and the pretrained tag,
+    or the checkpoint file's bytes, or the random-init seed. Part of the feature-cache key."""
+    import hashlib
+    import json
+
+    import open_clip
+
+    h = hashlib.sha256(json.dumps(open_clip.get_model_config(name), sort_keys=True).encode())
+    if pretrained and _is_path_like(pretrained):
+        with open(pretrained, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    else:
+        h.update(f"{pretrained}|{RANDOM_INIT_SEED if not pretrained else ''}".encode())
+    return h.hexdigest()[:16]
+
+
+def _to_rgb(img: Any) -> Any:
+    return img.convert("RGB") if hasattr(img, "convert") else img
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackboneError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)

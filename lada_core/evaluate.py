@@ -1,0 +1,55 @@
+"""The X-TAIL inference rule over all class names (method page, section 6).
+
+At every step each test image of every dataset is scored against ALL class names of the benchmark,
+seen and unseen, with no dataset identity: seen classes use their cached tuned text features,
+unseen classes the frozen zero-shot text features. When the router (argmax of those scores; or,
+with the selector, the argmax of frozen zero-shot CLIP) picks a seen class, the LADA logits of the
+seen classes are added and the unseen ones are masked out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lada_core.model import inference_logits, lada_logits
+
+
+@dataclass
+class EvalState:
+    """Everything inference needs after step j."""
+
+    text_seen: torch.Tensor  # [n_seen, D] tuned, L2-normalised
+    text_zeroshot: torch.Tensor  # [n_all, D] frozen CLIP, L2-normalised
+    units: torch.Tensor | None  # [U, D] all memory units so far (None: variant without units)
+    class_map: torch.Tensor | None  # [U, n_seen]
+    tau: float
+    alpha: float
+    beta: float
+    selector: bool = False
+
+
+def predict(features: torch.Tensor, st: EvalState) -> torch.Tensor:
+    """Global class predictions ``[B]`` for unnormalised image features ``[B, D]``."""
+    x = F.normalize(features.float(), dim=-1)
+    n_seen = st.text_seen.shape[0]
+    text_all = torch.cat([st.text_seen, st.text_zeroshot[n_seen:]], dim=0)
+    h = lada_logits(x, st.units, st.class_map, st.beta) if st.units is not None and st.units.numel() else None
+    route = None
+    if st.selector:
+        route = (x @ st.text_zeroshot.t()).argmax(dim=1) < n_seen
+    return inference_logits(x, text_all, n_seen, st.tau, st.alpha, h, route).argmax(dim=1)
+
+
+def accuracy(features: np.ndarray, labels: np.ndarray, offset: int, st: EvalState, batch_size: int = 1024, device: torch.device | None = None) -> float:
+    """Share (in percent) of images whose argmax over all class names is the true global label."""
+    device = device or st.text_seen.device
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        f = torch.from_numpy(np.asarray(features[start : start + batch_size], dtype=np.float32)).to(device)
+        pred = predict(f, st).cpu().numpy()
+        correct += int((pred == offset + np.asarray(labels[start : start + batch_size])).sum())
+    return 100.0 * correct / max(1, len(labels))

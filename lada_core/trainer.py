@@ -1,0 +1,364 @@
+"""``run_continual(cfg, bundle, output_dir, on_task_end)``: LADA over a task sequence.
+
+Per task k (method page, sections 3-5): a fresh text AdaptFormer in every text block; memory units
+from per-class k-means (lambda1) grown into the block-diagonal unit-to-class map; one AdamW over the
+adapters and the current units, OneCycleLR stepped every batch; each batch = the task's images
+(one random cached view each) plus one replayed feature per stored Gaussian component of every old
+class (weight gamma * pi); one weighted cross-entropy over ``tau * cos + alpha * LADA``. After the
+task: cache the tuned text features, fit the per-class spherical mixtures, freeze the units,
+evaluate every dataset over all class names, write a checkpoint, call ``on_task_end``.
+
+A run resumes from the last finished task found in ``output_dir``: each task only depends on the
+checkpointed state and on seeds derived from (seed, task index), so a resumed run ends with the same
+matrix as an uninterrupted one.
+
+Data-parallel: when ``torch.distributed`` is initialised, every rank takes rows ``rank::world`` of
+each batch (replayed and real), losses are normalised by the global batch, and gradients are summed
+over ranks before the optimizer step: the update equals the single-process one up to float error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lada_core import metrics as M
+from lada_core.backbone import Backbone, load_backbone, resolve_device
+from lada_core.config import Config, config_hash
+from lada_core.evaluate import EvalState, accuracy
+from lada_core.features.bundle import FeatureBundle
+from lada_core.model import (
+    AdaptedTextEncoder,
+    GaussianBank,
+    fit_gaussians,
+    grow_class_map,
+    kmeans_units,
+    lada_logits,
+    sample_replay,
+    training_logits,
+    weighted_cross_entropy,
+)
+
+STATE_FILE = "state.pt"
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite; the message says at which task, epoch and step."""
+
+
+class ResumeError(RuntimeError):
+    """The output folder holds a run with another configuration."""
+
+
+@dataclass
+class TaskEnd:
+    task_index: int
+    task_name: str
+    num_tasks: int
+    row: np.ndarray  # [K] accuracy (%) on every dataset after this step
+    matrix: np.ndarray  # [task_index + 1, K] rows so far
+    metrics: dict[str, float]
+    checkpoint_dir: Path
+    seconds: float
+    resumed: bool = False  # True when the step was loaded from a checkpoint, not trained now
+
+
+@dataclass
+class RunResult:
+    matrix: np.ndarray
+    task_names: list[str]
+    summary: dict[str, float]
+    per_dataset: dict[str, dict[str, float]]
+    trainable_params: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _State:
+    """What carries over between tasks (all tensors on CPU in checkpoints)."""
+
+    text_seen: torch.Tensor  # [n_seen, D]
+    units: torch.Tensor  # [U, D]
+    class_map: torch.Tensor  # [U, n_seen]
+    bank: GaussianBank
+    rows: list[np.ndarray]
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def task_epochs(cfg: Config, default: int) -> int:
+    base = cfg.optim.epochs if cfg.optim.epochs is not None else default
+    return max(1, int(round(base * cfg.optim.epochs_scale)))
+
+
+def trainable_count(text_encoder: AdaptedTextEncoder, n_units: int, dim: int) -> int:
+    """Parameters in the optimizer for one task: every adapter parameter plus the current units."""
+    return sum(p.numel() for p in text_encoder.parameters()) + n_units * dim
+
+
+def _text_features(enc: AdaptedTextEncoder, tokens: torch.Tensor, use_adapters: bool, chunk: int = 256) -> torch.Tensor:
+    outs = [enc(tokens[i : i + chunk], use_adapters=use_adapters) for i in range(0, len(tokens), chunk)]
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def _save_checkpoint(out: Path, k: int, task_name: str, st: _State, cfg: Config, seconds: float, data_key: str) -> Path:
+    final = out / f"task-{k:03d}"
+    tmp = out / f".task-{k:03d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.save(
+        {
+            "task_index": k,
+            "task_name": task_name,
+            "config_hash": config_hash(cfg),
+            "data_key": data_key,
+            "text_seen": st.text_seen.cpu(),
+            "units": st.units.cpu(),
+            "class_map": st.class_map.cpu(),
+            "bank": {n: t.cpu() for n, t in st.bank.state().items()},
+            "rows": np.stack(st.rows),
+            "seconds": seconds,
+        },
+        tmp / STATE_FILE,
+    )
+    (tmp / "row.json").write_text(json.dumps({"task": task_name, "row": st.rows[-1].tolist()}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def last_checkpoint(out: Path, cfg: Config, num_tasks: int, data_key: str | None = None) -> tuple[int, dict] | None:
+    """The last finished task in ``out`` (its index and state), or None."""
+    if not out.is_dir():
+        return None
+    for k in reversed(range(num_tasks)):
+        p = out / f"task-{k:03d}" / STATE_FILE
+        if p.is_file():
+            try:
+                state = load_checkpoint(p.parent)
+            except Exception:  # a half-written file cannot exist (atomic rename); be safe anyway
+                continue
+            if state.get("config_hash") != config_hash(cfg) or (data_key is not None and state.get("data_key") != data_key):
+                raise ResumeError(
+                    f"{out} holds a run with another configuration or feature cache (task {k}); use a new output folder"
+                )
+            return k, state
+    return None
+
+
+def run_continual(
+    cfg: Config,
+    bundle: FeatureBundle | None,
+    output_dir: str | Path,
+    on_task_end: Callable[[TaskEnd], None] | None = None,
+    backbone: Backbone | None = None,
+    source: "object | None" = None,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train LADA over the whole sequence; see the module docstring. ``source`` replaces the cached
+    features (exact mode: :class:`lada_core.features.source.ExactSource`)."""
+    from lada_core.features.source import CachedSource
+
+    t_run = time.time()
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    rank, world = _dist()
+    out = Path(output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    lc = cfg.lada
+    if backbone is None:
+        backbone = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
+    backbone.model.to(device)
+    src = source if source is not None else CachedSource(bundle)
+    names = src.task_names
+    n_tasks = len(names)
+    offsets = src.offsets
+    dim = src.embed_dim
+    amp = cfg.optim.amp and device.type == "cuda"
+
+    # Frozen zero-shot text features of ALL class names (unseen classes at inference).
+    tokens_all = backbone.tokenizer(src.prompts(cfg.backbone.template)).to(device)
+    zs_encoder = AdaptedTextEncoder(backbone.text_module, lc.adapter_bottleneck, lc.adapter_residual).to(device)
+    with torch.no_grad():
+        text_zs = _text_features(zs_encoder, tokens_all, use_adapters=False)  # [n_all, D]
+
+    st = _State(torch.zeros(0, dim, device=device), torch.zeros(0, dim, device=device), torch.zeros(0, 0, device=device), GaussianBank(), [])
+    start = 0
+    resumed = last_checkpoint(out, cfg, n_tasks, src.key)
+    if resumed is not None:
+        k, s = resumed
+        st = _State(
+            s["text_seen"].to(device), s["units"].to(device), s["class_map"].to(device),
+            GaussianBank.from_state({n: t.to(device) for n, t in s["bank"].items()}),
+            [r for r in np.asarray(s["rows"])],
+        )
+        start = k + 1
+        log(f"resuming from {out / f'task-{k:03d}'} ({k + 1}/{n_tasks} tasks done)")
+        if on_task_end is not None:
+            for j in range(start):
+                rows = np.stack(st.rows[: j + 1])
+                on_task_end(TaskEnd(j, names[j], n_tasks, rows[-1], rows, _step_metrics(rows, names), out / f"task-{j:03d}", 0.0, resumed=True))
+
+    counts: list[int] = []
+    for k in range(start, n_tasks):
+        t_task = time.time()
+        n_cls = src.num_classes(k)
+        offset = offsets[k]
+        tokens = tokens_all[offset : offset + n_cls]
+        n_old = offset
+
+        # Fresh adapters (seeded per task) and memory units from k-means on test-transform features.
+        torch.manual_seed(cfg.train.seed * 7919 + k)
+        enc = AdaptedTextEncoder(backbone.text_module, lc.adapter_bottleneck, lc.adapter_residual).to(device)
+        clean = src.clean_train(k)  # [N, D] unnormalised
+        labels_np = src.train_labels(k)
+        if lc.use_units:
+            normed = clean / np.linalg.norm(clean, axis=1, keepdims=True).clip(1e-12)
+            centres, per_class = kmeans_units(normed, labels_np, n_cls, lc.memory_size, lc.kmeans_n_init, cfg.train.seed)
+            units_cur = torch.nn.Parameter(torch.from_numpy(centres).to(device))
+            class_map = grow_class_map(st.class_map.cpu() if st.class_map.numel() else None, per_class).to(device)
+        else:
+            units_cur = torch.nn.Parameter(torch.zeros(0, dim, device=device))
+            class_map = st.class_map
+        groups = [{"params": list(enc.parameters())}]
+        if units_cur.numel():
+            groups.append({"params": [units_cur]})
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        counts.append(trainable_count(enc, units_cur.shape[0], dim))
+
+        n = len(labels_np)
+        bs = cfg.optim.batch_size
+        steps = math.ceil(n / bs)
+        epochs = task_epochs(cfg, src.epochs(k))
+        sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, epochs=epochs, steps_per_epoch=steps)
+        rng = np.random.default_rng([cfg.train.seed, k])
+        gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 100_003 + k)
+        labels_t = torch.from_numpy(labels_np).to(device) + n_old
+        replay_on = lc.use_replay and len(st.bank) > 0
+        enc.train()
+        for epoch in range(epochs):
+            t_ep = time.time()
+            feats_epoch = src.epoch_features(k, epoch, rng)  # [N, D] one view per image
+            perm = rng.permutation(n)
+            total, seen_rows = 0.0, 0
+            for step in range(steps):
+                idx = perm[step * bs : (step + 1) * bs]
+                x_real = torch.from_numpy(np.asarray(feats_epoch[idx], dtype=np.float32)).to(device)
+                y_real = labels_t[torch.from_numpy(idx).to(device)]
+                w_real = torch.ones(len(idx), device=device)
+                if replay_on:
+                    x_rep, y_rep, w_rep = sample_replay(st.bank, lc.distill_weight, generator=gen)
+                    x = torch.cat([x_rep, x_real])
+                    y = torch.cat([y_rep, y_real])
+                    w = torch.cat([w_rep, w_real])
+                else:
+                    x, y, w = x_real, y_real, w_real
+                x = F.normalize(x, dim=-1)
+                b_global = x.shape[0]
+                denom = float(b_global) if lc.loss_reduction == "mean" else float(w.sum())
+                if world > 1:
+                    x, y, w = x[rank::world], y[rank::world], w[rank::world]
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                    text_cur = enc(tokens)  # [n_cls, D]
+                text = torch.cat([st.text_seen, text_cur.float()])  # old (detached cache) then current
+                h = None
+                if lc.use_units:
+                    h = lada_logits(x, torch.cat([st.units, units_cur]), class_map, lc.beta)
+                z = training_logits(x, text, lc.tau, lc.alpha, h)
+                loss = (w * F.cross_entropy(z, y, reduction="none")).sum() / denom
+                if world > 1:
+                    loss_val = loss.detach().clone()
+                    torch.distributed.all_reduce(loss_val)
+                else:
+                    loss_val = loss.detach()
+                if not torch.isfinite(loss_val):
+                    raise DivergenceError(
+                        f"loss is {loss_val.item()} at task {k + 1}/{n_tasks} ({names[k]}), epoch {epoch + 1}, step {step + 1}"
+                        f" (lr {cfg.optim.lr:g}): training diverged"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if world > 1:
+                    for g in groups:
+                        for p in g["params"]:
+                            if p.grad is not None:
+                                torch.distributed.all_reduce(p.grad)
+                optimizer.step()
+                sched.step()
+                total += float(loss_val) * b_global
+                seen_rows += b_global
+            if rank == 0:
+                log(
+                    f"[task {k + 1}/{n_tasks} {names[k]}] epoch {epoch + 1}/{epochs} loss {total / max(1, seen_rows):.4f} "
+                    f"lr {sched.get_last_lr()[0]:.2e} {time.time() - t_ep:.1f}s"
+                )
+
+        # End of task: cache tuned text features, fit mixtures, freeze units.
+        enc.eval()
+        with torch.no_grad():
+            text_cur = _text_features(enc, tokens, use_adapters=True)
+        del enc, optimizer, sched
+        bank = st.bank
+        if lc.use_replay:
+            new = fit_gaussians(clean.astype(np.float32), labels_np, n_cls, lc.gaussian_components, n_old, cfg.train.seed)
+            bank = _extend_bank(bank, new, device)
+        st = _State(
+            torch.cat([st.text_seen, text_cur]),
+            torch.cat([st.units, units_cur.detach()]) if lc.use_units else st.units,
+            class_map if lc.use_units else st.class_map,
+            bank,
+            st.rows,
+        )
+        ev = EvalState(st.text_seen, text_zs, st.units if lc.use_units else None, st.class_map if lc.use_units else None, lc.tau, lc.alpha, lc.beta, lc.selector)
+        with torch.no_grad():
+            row = np.array(
+                [accuracy(src.test_features(t), src.test_labels(t), offsets[t], ev, cfg.train.eval_batch_size, device) for t in range(n_tasks)]
+            )
+        st.rows.append(row)
+        secs = time.time() - t_task
+        ckpt = _save_checkpoint(out, k, names[k], st, cfg, secs, src.key) if rank == 0 else out / f"task-{k:03d}"
+        if rank == 0:
+            log(f"[task {k + 1}/{n_tasks} {names[k]}] done in {secs:.1f}s: " + " ".join(f"{a:.1f}" for a in row))
+        if on_task_end is not None:
+            rows = np.stack(st.rows)
+            on_task_end(TaskEnd(k, names[k], n_tasks, row, rows, _step_metrics(rows, names), ckpt, secs))
+
+    matrix = np.stack(st.rows)
+    result = RunResult(matrix, names, M.summarize(matrix), M.per_dataset(matrix, names), counts, time.time() - t_run)
+    return result
+
+
+def _extend_bank(bank: GaussianBank, new: GaussianBank, device: torch.device) -> GaussianBank:
+    new = GaussianBank(*(t.to(device) for t in (new.means, new.variances, new.weights, new.labels)))
+    return bank.extend(new)
+
+
+def _step_metrics(rows: np.ndarray, names: list[str]) -> dict[str, float]:
+    """partial_summary plus per-dataset accuracy of the current row (``acc/<dataset>``)."""
+    out = M.partial_summary(rows)
+    for name, a in zip(names, rows[-1]):
+        out[f"acc/{name}"] = float(a)
+    out[M.TASK_INDEX] = float(rows.shape[0] - 1)
+    return out
