@@ -57,6 +57,16 @@ class Backbone:
             return self.model.encode_image(pixels).float()
 
 
+PACKAGED_MODELS = Path(__file__).resolve().parent / "data" / "models"
+"""Model configs shipped with the package: ``lada-tiny`` (a random-init toy for tests and the offline demo)."""
+_registered: set[str] = set()
+
+
+def _register_packaged() -> None:
+    if str(PACKAGED_MODELS) not in _registered:
+        register_model_configs(PACKAGED_MODELS)
+
+
 def register_model_configs(path: str | Path) -> None:
     """Register extra open_clip JSON model configs (a folder of ``<name>.json`` files, or one file)."""
     import open_clip
@@ -64,7 +74,10 @@ def register_model_configs(path: str | Path) -> None:
     p = Path(path)
     if not p.exists():
         raise BackboneError(f"model config folder not found: {p}")
+    if str(p.resolve()) in _registered:
+        return
     open_clip.add_model_config(p)
+    _registered.add(str(p.resolve()))
 
 
 def _is_path_like(pretrained: str) -> bool:
@@ -78,6 +91,7 @@ def _is_path_like(pretrained: str) -> bool:
 def model_names() -> list[str]:
     import open_clip
 
+    _register_packaged()
     return list(open_clip.list_models())
 
 
@@ -85,6 +99,7 @@ def check_model(name: str, pretrained: str | None, model_config_dir: str | None 
     """Validate the model name and the pretrained source without building anything."""
     import open_clip
 
+    _register_packaged()
     if model_config_dir:
         register_model_configs(model_config_dir)
     if name not in open_clip.list_models():

@@ -12,7 +12,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-MODELS = TESTS / "models"
+MODELS = ROOT / "lada_core" / "data" / "models"  # the packaged lada-tiny config
 TINY = "lada-tiny"
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -25,7 +25,6 @@ def tiny_overrides(cache_root: Path | str, shots: int | None = 16, views: int = 
     return [
         f"backbone.model={TINY}",
         "backbone.pretrained=null",
-        f"backbone.model_config_dir={MODELS}",
         "data.benchmark=mini-tail",
         f"data.shots={'null' if shots is None else shots}",
         f"data.views={views}",
@@ -52,7 +51,7 @@ def shared_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_backbone():
     from lada_core.backbone import load_backbone
 
-    return load_backbone(TINY, None, model_config_dir=str(MODELS))
+    return load_backbone(TINY, None)
 
 
 @pytest.fixture(scope="session")
