@@ -1,0 +1,137 @@
+"""Data-parallel trials: one trial on several GPUs of a node, with ``torch.distributed``.
+
+A trial that Ray gives ``n > 1`` GPUs (``--gpus-per-trial 2``) runs ``n`` processes: the trial's own
+process is rank 0 (it reports to Tune and writes the per-task checkpoints) and ``n - 1`` spawned
+helpers are ranks 1..n-1. Each rank runs the same :func:`lada_core.trainer.run_continual`; the trainer
+notices the initialised process group, takes rows ``rank::world`` of every batch, normalises the
+loss by the global batch and sums the gradients over ranks before the optimizer step, so the update
+equals the single-process one up to float error.
+
+Backend: NCCL on CUDA (rank r uses ``cuda:r`` of the GPUs Ray assigned, which it exposes through
+``CUDA_VISIBLE_DEVICES``), gloo otherwise (the CPU tests). Every rank uses the same output folder
+(the trial's, on its node): the helpers read rank 0's checkpoints to resume at the same task.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for the process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def choose_backend(world_size: int) -> str:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
+def _init(rank: int, world_size: int, port: int, backend: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=TIMEOUT
+    )
+
+
+def _helper(rank: int, world_size: int, port: int, backend: str, cfg_dict: dict[str, Any], bundle_path: str | None, output_dir: str, errors: Any) -> None:
+    """Ranks 1..n-1: the same training, no reports, no checkpoints."""
+    try:
+        import torch.distributed as dist
+
+        from lada_core.config import from_dict
+        from lada_core.features import load_bundle
+        from lada_core.trainer import run_continual
+
+        _init(rank, world_size, port, backend)
+        try:
+            cfg = from_dict(cfg_dict)
+            bundle = load_bundle(bundle_path) if bundle_path else None
+            run_continual(cfg, bundle, output_dir, on_task_end=None, log=lambda m: None)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc(limit=5)}")
+        raise SystemExit(1) from None
+
+
+def run_continual_parallel(
+    cfg: Any,
+    bundle_path: str | Path | None,
+    output_dir: str | Path,
+    world_size: int,
+    on_task_end: Callable[[Any], None] | None = None,
+    backend: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Any:
+    """Run :func:`lada_core.trainer.run_continual` over ``world_size`` processes; this process is rank 0.
+
+    Returns rank 0's :class:`~lada_core.trainer.RunResult`. A failing helper fails the run; when
+    rank 0 stops (an exception, e.g. a Tune stop raised from ``on_task_end``) the helpers are ended.
+    """
+    import torch.distributed as dist
+
+    from lada_core.features import load_bundle
+    from lada_core.trainer import run_continual
+
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    bundle = load_bundle(bundle_path) if bundle_path else None
+    if world_size == 1:
+        return run_continual(cfg, bundle, output_dir, on_task_end=on_task_end, log=log)
+    backend = backend or choose_backend(world_size)
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    cfg_dict = cfg.to_dict()
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    helpers = [
+        ctx.Process(
+            target=_helper,
+            args=(r, world_size, port, backend, cfg_dict, str(bundle_path) if bundle_path else None, str(output_dir), errors),
+            daemon=True,
+            name=f"lada-rank{r}",
+        )
+        for r in range(1, world_size)
+    ]
+    for p in helpers:
+        p.start()
+    ok = False
+    try:
+        _init(0, world_size, port, backend)
+        try:
+            result = run_continual(cfg, bundle, output_dir, on_task_end=on_task_end, log=log)
+        finally:
+            dist.destroy_process_group()
+        for p in helpers:
+            p.join(timeout=TIMEOUT.total_seconds())
+        failed = [p for p in helpers if p.exitcode != 0]
+        if failed:
+            detail = errors.get() if not errors.empty() else f"exit codes {[p.exitcode for p in failed]}"
+            raise RuntimeError(f"data-parallel helper failed: {detail}")
+        ok = True
+        return result
+    finally:
+        if not ok:
+            for p in helpers:
+                if p.is_alive():
+                    p.terminate()
+            for p in helpers:
+                p.join(timeout=10)

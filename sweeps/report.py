@@ -1,0 +1,253 @@
+"""``python -m sweeps.report --name NAME``: the state of a finished or running sweep.
+
+Prints the top trials (from the Optuna study, which the driver updates as trials end, joined with
+each trial's last Tune result for Transfer / Average / Last), writes the best config as YAML ready for
+``lada-train --config``, prints Optuna's parameter importances and, for X-TAIL, the paper's numbers
+beside the best trial's.
+
+Importances: Optuna 5's default evaluator (PED-ANOVA) ranks parameters by how much they matter for
+reaching the LOWEST target values whenever a ``target`` is given. Accuracy is maximized, so no target
+is passed (:func:`importances`): the evaluator then follows the study's direction. fANOVA is the
+fallback when PED-ANOVA cannot run (too few trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lada_core import metrics as M
+
+
+def load_study_for(url: str, name: str) -> Any:
+    from sweeps.search import load_study
+
+    return load_study(url, name)
+
+
+def importances(study: Any, evaluator: str = "ped-anova") -> dict[str, float]:
+    """Parameter importances of the study's COMPLETE trials for reaching GOOD objective values."""
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        raise ValueError(f"importances need at least 2 completed trials, have {len(complete)}")
+    # No ``target``: the evaluator then reads the study's direction (top trials = HIGHEST accuracy).
+    # With a target, PED-ANOVA would treat LOWER as better: a maximized accuracy passed as
+    # ``target=lambda t: t.value`` silently ranks parameters for bad trials (the trap).
+    ev = PedAnovaImportanceEvaluator() if evaluator == "ped-anova" else FanovaImportanceEvaluator(seed=0)
+    try:
+        return dict(optuna.importance.get_param_importances(study, evaluator=ev))
+    except Exception:
+        if evaluator != "ped-anova":
+            raise
+        return dict(optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)))
+
+
+def importance_figure(study: Any) -> Any:
+    """A bar chart of :func:`importances` (None when there are too few trials or no parameters)."""
+    try:
+        imp = importances(study)
+    except Exception:
+        return None
+    if not imp:
+        return None
+    from matplotlib.figure import Figure
+
+    names = list(imp)[::-1]
+    fig = Figure(figsize=(6, 1 + 0.4 * len(names)), layout="constrained")
+    ax = fig.subplots()
+    ax.barh(names, [imp[n] for n in names])
+    ax.set_xlabel("importance for a high objective (PED-ANOVA)")
+    ax.set_title(study.study_name)
+    return fig
+
+
+def tune_results(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """The last reported result of every trial folder of a (local) sweep, by trial id."""
+    out: dict[str, dict[str, Any]] = {}
+    root = Path(folder)
+    if not root.is_dir():
+        return out
+    for f in root.glob("*/result.json"):
+        last = None
+        try:
+            with f.open() as fh:
+                for line in fh:
+                    if line.strip():
+                        last = line
+            if last is None:
+                continue
+            res = json.loads(last)
+        except (OSError, json.JSONDecodeError):
+            continue
+        tid = res.get("trial_id")
+        if tid:
+            out[tid] = res
+    return out
+
+
+def top_trials(study: Any, results: dict[str, dict[str, Any]], top: int) -> list[dict[str, Any]]:
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    from sweeps.search import RAY_TRIAL_ID_ATTR
+
+    sign = 1 if study.direction == StudyDirection.MAXIMIZE else -1
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        tid = t.user_attrs.get(RAY_TRIAL_ID_ATTR)
+        res = results.get(tid, {}) if tid else {}
+        value = t.value if t.state == TrialState.COMPLETE else None
+        last_inter = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        rows.append({
+            "number": t.number,
+            "trial_id": tid or "-",
+            "state": t.state.name,
+            "value": value,
+            "last_step_value": last_inter,
+            "tasks_done": res.get("tasks_done"),
+            **{k: res.get(k) for k in M.METRICS},
+            "params": dict(t.params),
+        })
+
+    def key(r: dict[str, Any]) -> tuple[int, float]:
+        v = r["value"]
+        return (0 if v is not None and math.isfinite(v) else 1, -sign * v if v is not None and math.isfinite(v) else 0.0)
+
+    rows.sort(key=key)
+    return rows[:top] if top > 0 else rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.2f}"
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    params = sorted({k for r in rows for k in r["params"]})
+    head = ["#", "trial", "state", "value", *M.METRICS, "tasks", *params]
+    body = [
+        [str(r["number"]), r["trial_id"], r["state"], _fmt(r["value"]), *(_fmt(r[k]) for k in M.METRICS), _fmt(r["tasks_done"]),
+         *(_fmt(r["params"].get(p)) for p in params)]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def best_config_yaml(settings: Any, params: dict[str, Any]) -> str:
+    """The best trial's full config as YAML (defaults < --config < space < flags < sample < --set)."""
+    from lada_core.config import config_to_yaml
+    from sweeps.run import base_config
+    from sweeps.trainable import TrialSpec
+
+    spec = TrialSpec(base_config=base_config(settings).to_dict(), overrides=tuple(settings.set))
+    return config_to_yaml(spec.config(params))
+
+
+def paper_comparison(benchmark: str, shots: int | None, best: dict[str, Any] | None) -> str | None:
+    from sweeps.paper import XTAIL, XTAIL_BENCHMARKS, xtail_setting
+
+    if benchmark not in XTAIL_BENCHMARKS:
+        return None
+    setting = xtail_setting(shots)
+    lines = [f"X-TAIL {setting}, ViT-B/16, order I: the paper's numbers beside this sweep's best trial", f"{'':24}{'transfer':>10}{'average':>10}{'last':>10}"]
+    if best is not None:
+        lines.append(f"{'this sweep (best)':24}" + "".join(f"{_fmt(best.get(k)):>10}" for k in M.METRICS))
+    for method, vals in XTAIL[setting].items():
+        lines.append(f"{method:24}" + "".join(f"{_fmt(vals[k]):>10}" for k in M.METRICS))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sweeps.report", description="Top trials, best config, importances of a sweep (finished or running).")
+    p.add_argument("--name", required=True, help="the sweep's name (its results folder and study)")
+    p.add_argument("--storage", default="sweep_results", help="the sweep's --storage")
+    p.add_argument("--top", type=int, default=10, help="rows of the table (0: all)")
+    p.add_argument("--out", default=None, help="where to write the best config YAML (default: <storage>/<name>/best_config.yaml)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from optuna.trial import TrialState
+
+    from sweeps.run import BEST_CONFIG, is_uri, join_path, load_settings
+
+    args = build_parser().parse_args(argv)
+    storage = args.storage if is_uri(args.storage) else str(Path(args.storage).resolve())
+    settings = load_settings(storage, args.name)
+    if settings is None:
+        print(f"report: error: no sweep {args.name!r} in {storage}", file=sys.stderr)
+        return 2
+    settings.storage = storage
+    study = load_study_for(settings.study_storage, settings.name)
+    results = tune_results(settings.folder) if not is_uri(settings.folder) else {}
+    rows = top_trials(study, results, 0)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    complete = [r for r in rows if r["state"] == TrialState.COMPLETE.name and r["value"] is not None]
+    best = complete[0] if complete else None
+    yaml_text = best_config_yaml(settings, best["params"]) if best else None
+    out_path = args.out or join_path(settings.folder, BEST_CONFIG)
+    if yaml_text is not None:
+        if is_uri(out_path):
+            from sweeps.run import _write_text
+
+            _write_text(out_path, yaml_text)
+        else:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_path).write_text(yaml_text)
+    try:
+        imp = importances(study)
+    except Exception as exc:
+        imp = {}
+        imp_note = str(exc)
+    else:
+        imp_note = ""
+    from lada_core.config import build_config
+    from sweeps.run import base_config
+
+    cfg = build_config(overrides=settings.set, base=base_config(settings))
+    paper = paper_comparison(cfg.data.benchmark, cfg.data.shots, best)
+    if args.json:
+        print(json.dumps({
+            "name": settings.name, "space": settings.space, "metric": settings.metric, "mode": settings.mode,
+            "states": counts, "top": rows[: args.top] if args.top else rows, "best_config_path": out_path if yaml_text else None,
+            "best_config": yaml_text, "importances": imp,
+        }, indent=2, default=str))
+        return 0
+    print(f"sweep {settings.name}: space {settings.space}, objective {settings.metric} ({settings.mode}); trials: "
+          + ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())))
+    print(format_table(rows[: args.top] if args.top else rows))
+    if yaml_text is not None:
+        print(f"\nbest config (trial {best['trial_id']}) -> {out_path}\n  lada-train --config {out_path}")
+    else:
+        print("\nno completed trial yet")
+    if imp:
+        print("\nparameter importances (PED-ANOVA, for a high objective):")
+        for k, v in imp.items():
+            print(f"  {k:32} {v:.3f}")
+    elif imp_note:
+        print(f"\nparameter importances: not yet ({imp_note})")
+    if paper:
+        print("\n" + paper)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,663 @@
+"""``lada-sweep``: a sweep of LADA settings with Ray Tune, Optuna and MLflow.
+
+Offline demo on one machine (a local Ray, a sqlite MLflow store in the working folder)::
+
+    lada-sweep --space lada_smoke
+    mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+On a cluster (``ray up ray_cluster.yaml``; then on the head node)::
+
+    lada-sweep --address auto --space lada_full --benchmark xtail --data-root /mnt/shared/data \\
+        --storage /mnt/shared/sweeps --gpus-per-trial 0.25 --scheduler asha --num-samples 64
+
+Order of work: check every input (space, metric, benchmark, ``--set``, resources, the Ray address)
+and fail with one clear line before anything runs; build or find the feature cache once; open the
+parent MLflow run and the Optuna study (next to the results); run the trials; write the best config.
+``--resume`` continues a sweep whose driver was stopped, with its study, results and MLflow runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__" and not __package__:  # `python sweeps/run.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SWEEP_FILE = "sweep.json"
+BEST_CONFIG = "best_config.yaml"
+SUMMARY_FILE = "summary.json"
+DEFAULT_STORAGE = "sweep_results"
+
+# Settings that define a sweep: on --resume they come from sweep.json and may not change.
+IDENTITY = (
+    "space", "benchmark", "data_root", "num_samples", "metric", "scheduler", "grace_period",
+    "reduction_factor", "gpus_per_trial", "cpus_per_trial", "seed", "config", "set", "study_storage",
+    "mlflow_uri", "experiment",
+)
+
+
+class UsageError(ValueError):
+    """Bad input found before the sweep starts (one-line message, exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from search_spaces import space_names
+
+    p = argparse.ArgumentParser(
+        prog="lada-sweep",
+        description="Sweep LADA settings: Ray Tune runs the trials, Optuna chooses the settings, MLflow records every task step.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("what to search")
+    g.add_argument("--space", default=None, help=f"search space (one of: {', '.join(space_names())}; default lada_smoke)")
+    g.add_argument("--benchmark", default=None, help="task sequence: mini-tail, xtail, xtail-order2 or a benchmark .yaml file (default: the space's or the config's)")
+    g.add_argument("--data-root", default=None, help="folder holding the benchmark's datasets (X-TAIL: the CoOp layout)")
+    g.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
+    g.add_argument("--metric", default=None, help="objective: transfer, average, last, or a weighted mix like last=0.5,average=0.5 (default: the space's)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the Optuna sampler and of every trial's training (train.seed); default 0")
+    g.add_argument("--config", default=None, help="a lada-train YAML config to start from")
+    g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="override a config value (repeatable), e.g. --set optim.epochs_scale=0.5")
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--scheduler", choices=("fifo", "asha"), default=None, help="fifo runs every trial to its last task; asha stops trials that are weak after a task (default: the space's)")
+    g.add_argument("--grace-period", type=int, default=None, help="ASHA: tasks every trial runs before it can be stopped (default 1)")
+    g.add_argument("--reduction-factor", type=float, default=None, help="ASHA: keep the best 1/factor at each rung (default 2)")
+    g.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial; a fraction packs trials on one GPU, N > 1 runs the trial data-parallel on N GPUs (default: 1 if the cluster has GPUs, else 0)")
+    g.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default 1)")
+    g.add_argument("--max-concurrent", type=int, default=0, help="at most this many trials at once (0: as many as the resources allow)")
+    g.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, each from its last finished task")
+    g.add_argument("--time-budget-s", type=float, default=None, help="stop the sweep after this many seconds")
+    g = p.add_argument_group("where it runs and what it keeps")
+    g.add_argument("--address", default=None, help="a running Ray cluster (host:port, or auto); default: start a local Ray")
+    g.add_argument("--local-cpus", type=int, default=None, help="CPUs of the local Ray started without --address (default: all)")
+    g.add_argument("--local-gpus", type=int, default=None, help="GPUs of the local Ray (default: the visible ones); logical GPUs are possible for tests")
+    g.add_argument("--storage", default=DEFAULT_STORAGE, help="trial results and checkpoints: a local or shared folder, or a cloud URI (s3://, gs://)")
+    g.add_argument("--study-storage", default=None, help="Optuna storage URL (default: sqlite optuna.db next to the results; a local file when --storage is a cloud URI)")
+    g.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db in the working folder)")
+    g.add_argument("--experiment", default=None, help="MLflow experiment of the parent run (default lada-sweeps)")
+    g.add_argument("--name", default=None, help="sweep name: the results folder, the Optuna study and the parent run (default <space>-<benchmark>-<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the sweep --name after its driver stopped: same study, results and MLflow runs")
+    g.add_argument("--encode-on", choices=("driver", "ray"), default="driver", help="build the feature cache in the driver, or fan it out as Ray tasks (one per shard)")
+    g.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Ray Tune's console output")
+    return p
+
+
+@dataclass
+class Settings:
+    """The resolved settings of a sweep (stored in ``<storage>/<name>/sweep.json``)."""
+
+    name: str
+    space: str
+    benchmark: str | None
+    data_root: str | None
+    num_samples: int
+    metric: str
+    mode: str
+    scheduler: str
+    grace_period: int
+    reduction_factor: float
+    gpus_per_trial: float | None
+    cpus_per_trial: float
+    seed: int
+    config: str | None
+    set: list[str]
+    storage: str
+    study_storage: str
+    mlflow_uri: str
+    experiment: str
+    parent_run_id: str | None = None
+    cache_key: str | None = None
+    cache_path: str | None = None
+    num_tasks: int | None = None
+    dataset_names: list[str] = field(default_factory=list)
+    created: float = 0.0
+
+    @property
+    def folder(self) -> str:
+        return join_path(self.storage, self.name)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def join_path(base: str, *parts: str) -> str:
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def _read_text(path: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(path) if is_uri(path) else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+    try:
+        with fs.open_input_stream(p) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _write_text(path: str, text: str) -> None:
+    import pyarrow.fs as pafs
+
+    if is_uri(path):
+        fs, p = pafs.FileSystem.from_uri(path)
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def load_settings(storage: str, name: str) -> Settings | None:
+    text = _read_text(join_path(storage, name, SWEEP_FILE))
+    if text is None:
+        return None
+    data = json.loads(text)
+    known = {f for f in Settings.__dataclass_fields__}
+    return Settings(**{k: v for k, v in data.items() if k in known})
+
+
+def save_settings(s: Settings) -> None:
+    _write_text(join_path(s.folder, SWEEP_FILE), json.dumps(asdict(s), indent=2))
+
+
+def _address_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on an address nothing listens on (ray.init would retry for a long time)."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address!r}: expected host:port (the head node's GCS port, default 6379) or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--address {address}: no Ray cluster reachable there ({exc.strerror or exc}); start one with 'ray start --head' or 'ray up ray_cluster.yaml'") from None
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """Turn the parsed flags (and, on --resume, the stored sweep) into :class:`Settings`."""
+    from search_spaces import get_space
+    from sweeps.objective import parse_metric
+    from sweeps.search import storage_url_for
+
+    storage = args.storage if is_uri(args.storage) else str(Path(args.storage).resolve())
+    if args.resume:
+        if not args.name:
+            raise UsageError("--resume needs --name (the sweep to continue)")
+        stored = load_settings(storage, args.name)
+        if stored is None:
+            raise UsageError(f"--resume: no sweep {args.name!r} in {storage} (no {SWEEP_FILE}); start it without --resume")
+        for key in IDENTITY:
+            given = getattr(args, key, None)
+            have = getattr(stored, key)
+            if given is not None and given != have and not (key == "config" and given and have and Path(given).resolve() == Path(have)):
+                raise UsageError(f"--resume: --{key.replace('_', '-')} {given!r} differs from the sweep's {have!r}; a resumed sweep keeps its settings")
+        stored.storage = storage
+        return stored
+
+    space = get_space(args.space or "lada_smoke")
+    metric = args.metric or space.metric
+    parse_metric(metric)
+    num_samples = args.num_samples if args.num_samples is not None else space.num_samples
+    if num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {num_samples}")
+    scheduler = args.scheduler or space.scheduler
+    benchmark = args.benchmark
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    bench_label = (benchmark or space.base.get("data.benchmark") or "default").replace("/", "_").replace(".", "_")
+    name = args.name or f"{space.name}-{bench_label}-{stamp}"
+    if not name or "/" in name or name.startswith("."):
+        raise UsageError(f"--name {name!r}: a sweep name is a plain folder name")
+    folder = join_path(storage, name)
+    if args.study_storage:
+        study_storage = args.study_storage
+    elif is_uri(storage):
+        study_storage = storage_url_for(Path(DEFAULT_STORAGE, "studies", name).resolve())
+    else:
+        study_storage = storage_url_for(folder)
+    from sweeps.tracking import DEFAULT_EXPERIMENT, default_tracking_uri
+
+    return Settings(
+        name=name,
+        space=space.name,
+        benchmark=benchmark,
+        data_root=str(Path(args.data_root).resolve()) if args.data_root and not is_uri(args.data_root) else args.data_root,
+        num_samples=num_samples,
+        metric=metric,
+        mode=space.mode,
+        scheduler=scheduler,
+        grace_period=args.grace_period if args.grace_period is not None else 1,
+        reduction_factor=args.reduction_factor if args.reduction_factor is not None else 2.0,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial if args.cpus_per_trial is not None else 1.0,
+        seed=args.seed if args.seed is not None else 0,
+        config=str(Path(args.config).resolve()) if args.config else None,
+        set=list(args.set or []),
+        storage=storage,
+        study_storage=study_storage,
+        mlflow_uri=args.mlflow_uri or default_tracking_uri(),
+        experiment=args.experiment or DEFAULT_EXPERIMENT,
+        created=time.time(),
+    )
+
+
+def base_config(s: Settings) -> Any:
+    """defaults < --config < space BASE < CLI flags (benchmark, data root, seed); ``--set`` comes later."""
+    from lada_core.config import build_config
+    from search_spaces import get_space
+
+    space = get_space(s.space)
+    flags: dict[str, Any] = {**space.base, "train.seed": s.seed}
+    if s.benchmark:
+        flags["data.benchmark"] = s.benchmark
+    if s.data_root:
+        flags["data.data_root"] = s.data_root
+    cfg = build_config(s.config, sample=flags)
+    # Absolute paths: trials run in other processes, other folders, maybe other nodes.
+    from lada_core.config import from_dict
+
+    fixes: dict[str, Any] = {}
+    if not is_uri(cfg.data.cache_root):
+        fixes["data.cache_root"] = str(Path(cfg.data.cache_root).expanduser().resolve())
+    if cfg.backbone.model_config_dir:
+        fixes["backbone.model_config_dir"] = str(Path(cfg.backbone.model_config_dir).expanduser().resolve())
+    return from_dict(fixes, cfg) if fixes else cfg
+
+
+def check_inputs(s: Settings) -> tuple[Any, Any, Any]:
+    """Everything that can be checked without Ray: returns (space, objective, TrialSpec)."""
+    import optuna
+
+    from lada_core.benchmarks import benchmark_names
+    from lada_core.config import build_config
+    from search_spaces import get_space
+    from sweeps.objective import parse_metric
+    from sweeps.trainable import TrialSpec
+
+    space = get_space(s.space)
+    objective = parse_metric(s.metric)
+    base = base_config(s)
+    cache_cfg = build_config(overrides=s.set, base=base)
+    bench = cache_cfg.data.benchmark
+    if bench not in benchmark_names() and not bench.endswith((".yaml", ".yml")):
+        raise UsageError(f"unknown benchmark {bench!r} (valid: {', '.join(benchmark_names())}, or a benchmark .yaml file)")
+    spec = TrialSpec(base_config=base.to_dict(), overrides=tuple(s.set), cache_path=None, objective=objective)
+    # Every point the sweep will certainly evaluate, and a few samples, must give valid configs that
+    # keep the cache's data and backbone.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=s.seed))
+    samples = [dict(p) for p in space.points_to_evaluate()]
+    for _ in range(3):
+        samples.append(space.sample(study.ask()))
+    for sample in samples:
+        cfg = spec.config(sample)
+        if cfg.data != cache_cfg.data or cfg.backbone != cache_cfg.backbone:
+            raise UsageError(f"space {space.name} changes data.* or backbone.* settings ({sample}): those define the shared feature cache")
+    return space, objective, spec
+
+
+def _connect_ray(args: argparse.Namespace, s: Settings) -> None:
+    import ray
+
+    if args.address:
+        _address_reachable(args.address)
+        try:
+            ray.init(address=args.address, log_to_driver=args.verbose > 0)
+        except ConnectionError as exc:
+            raise UsageError(f"--address {args.address}: could not connect to Ray ({str(exc).splitlines()[0]})") from None
+    else:
+        ray.init(num_cpus=args.local_cpus, num_gpus=args.local_gpus, include_dashboard=False, log_to_driver=args.verbose > 0)
+
+
+def _encode_runner(kind: str) -> Any:
+    if kind != "ray":
+        return None
+
+    def run_jobs(jobs: Sequence[Any], ctx: Any) -> None:
+        import ray
+
+        from lada_core.features.cache import run_jobs_locally
+
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+        @ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)
+        def encode(job: Any) -> None:
+            run_jobs_locally([job], ctx, progress=False)
+
+        ray.get([encode.remote(j) for j in jobs])
+
+    return run_jobs
+
+
+def build_cache(s: Settings, spec: Any, encode_on: str) -> tuple[Any, Any]:
+    from lada_core.config import build_config, from_dict
+    from lada_core.features import ensure_cache, load_bundle
+
+    cache_cfg = build_config(overrides=list(spec.overrides), base=from_dict(dict(spec.base_config)))
+    info = ensure_cache(cache_cfg, progress=sys.stderr.isatty(), run_jobs=_encode_runner(encode_on))
+    bundle = load_bundle(info.path)
+    return info, bundle
+
+
+def open_parent_run(s: Settings, benchmark: str, info: Any) -> tuple[Any, str, str]:
+    """The sweep's parent run (created once; reopened on --resume)."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import SWEEP_TAG, get_or_create_experiment, git_commit
+
+    client = MlflowClient(s.mlflow_uri)
+    exp_id = get_or_create_experiment(client, s.experiment, s.mlflow_uri)
+    if s.parent_run_id:
+        try:
+            run = client.get_run(s.parent_run_id)
+            if run.info.status != "RUNNING":
+                client.update_run(s.parent_run_id, status="RUNNING")
+            return client, exp_id, s.parent_run_id
+        except Exception:
+            pass
+    commit = git_commit()
+    tags = {
+        SWEEP_TAG: s.name, "lada.space": s.space, "lada.benchmark": benchmark, "lada.cache_key": info.key,
+        "lada.role": "sweep",
+    }
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(exp_id, run_name=s.name, tags=tags)
+    params = {
+        "space": s.space, "benchmark": benchmark, "metric": s.metric, "mode": s.mode, "num_samples": s.num_samples,
+        "scheduler": s.scheduler, "seed": s.seed, "cpus_per_trial": s.cpus_per_trial, "gpus_per_trial": s.gpus_per_trial,
+        "cache_key": info.key, "sets": " ".join(s.set) or "-", "num_tasks": s.num_tasks,
+    }
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()], tags=[RunTag("lada.storage", s.folder)])
+    return client, exp_id, run.info.run_id
+
+
+def effective_concurrency(s: Settings, max_concurrent: int, cluster: dict[str, float], gpus: float) -> int:
+    cap = int(cluster.get("CPU", 1) // max(s.cpus_per_trial, 1e-9))
+    if gpus > 0:
+        cap = min(cap, int(cluster.get("GPU", 0) // gpus))
+    cap = max(1, cap)
+    if max_concurrent > 0:
+        cap = min(cap, max_concurrent)
+    return max(1, min(cap, s.num_samples))
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import ray
+    from ray import tune
+
+    from sweeps.resources import check_cluster, validate_request
+    from sweeps.search import LadaOptunaSearch, make_sampler, open_storage, study_exists
+    from sweeps.trainable import TASKS_DONE, lada_trainable
+
+    t_start = time.time()
+    s = resolve_settings(args)
+    space, objective, spec = check_inputs(s)
+    if s.gpus_per_trial is not None:
+        validate_request(s.cpus_per_trial, s.gpus_per_trial)
+    folder = s.folder
+    exists = load_settings(s.storage, s.name) is not None or (not is_uri(folder) and Path(folder).exists() and any(Path(folder).iterdir()))
+    if exists and not args.resume:
+        raise UsageError(f"sweep {s.name!r} already exists in {s.storage}: pass --resume to continue it, or choose another --name")
+    storage = open_storage(s.study_storage)
+    if study_exists(storage, s.name) and not args.resume:
+        raise UsageError(f"an Optuna study named {s.name!r} already exists in {s.study_storage}: pass --resume or choose another --name")
+
+    _connect_ray(args, s)
+    try:
+        cluster = ray.cluster_resources()
+        gpus = s.gpus_per_trial if s.gpus_per_trial is not None else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
+        if s.gpus_per_trial is None:
+            s.gpus_per_trial = gpus
+        check_cluster(s.cpus_per_trial, gpus)
+
+        info, bundle = build_cache(s, spec, args.encode_on)
+        s.cache_key, s.cache_path = info.key, str(info.path)
+        s.num_tasks = len(bundle.tasks)
+        s.dataset_names = list(bundle.task_names)
+        from dataclasses import replace
+
+        spec = replace(spec, cache_path=str(info.path))
+        client, exp_id, parent = open_parent_run(s, spec.config({}).data.benchmark, info)
+        s.parent_run_id = parent
+        save_settings(s)
+        print(f"lada-sweep: {s.name}: space {s.space}, {s.num_samples} trials, objective {objective.name} ({s.mode}), "
+              f"{s.num_tasks} tasks, scheduler {s.scheduler}; results {folder}; study {s.study_storage}; "
+              f"MLflow {s.mlflow_uri} (parent run {parent})", file=sys.stderr, flush=True)
+
+        from sweeps.objective import OBJECTIVE
+        from sweeps.tracking import MlflowTracker
+
+        searcher = LadaOptunaSearch(
+            space.fn, metric=OBJECTIVE, mode=s.mode, points_to_evaluate=space.points_to_evaluate(),
+            sampler=make_sampler(s.seed), study_name=s.name, storage=storage,
+        )
+        if s.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            if not 1 <= s.grace_period <= s.num_tasks:
+                raise UsageError(f"--grace-period must be between 1 and the number of tasks ({s.num_tasks}), got {s.grace_period}")
+            if s.reduction_factor <= 1:
+                raise UsageError(f"--reduction-factor must be > 1, got {s.reduction_factor:g}")
+            scheduler: Any = ASHAScheduler(
+                time_attr=TASKS_DONE, max_t=s.num_tasks, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+            )
+        else:
+            from ray.tune.schedulers import FIFOScheduler
+
+            scheduler = FIFOScheduler()
+        tracker = MlflowTracker(s.mlflow_uri, exp_id, parent, sweep_name=s.name, spec=spec, extra_tags={"lada.space": s.space})
+        trainable = tune.with_resources(tune.with_parameters(lada_trainable, spec=spec), {"cpu": s.cpus_per_trial, "gpu": gpus})
+        concurrency = effective_concurrency(s, args.max_concurrent, cluster, gpus)
+        run_config = tune.RunConfig(
+            name=s.name,
+            storage_path=s.storage,
+            callbacks=[tracker],
+            # Each task checkpoint holds the whole state: keep the last two (Tune forces an experiment
+            # snapshot every num_to_keep trial checkpoints, so 1 would snapshot at every task).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            verbose=args.verbose,
+        )
+        tune_config = tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            metric=OBJECTIVE,
+            mode=s.mode,
+            num_samples=s.num_samples,
+            max_concurrent_trials=args.max_concurrent or None,
+            time_budget_s=args.time_budget_s,
+            # A trial's process keeps torch/open_clip imported for the next trial (seconds per trial).
+            reuse_actors=True,
+        )
+        t_fit = time.time()
+        if args.resume and tune.Tuner.can_restore(folder):
+            tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
+            _apply_runtime_overrides(tuner, args)
+        else:
+            tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+        grid = tuner.fit()
+        t_end = time.time()
+        summary = summarize(s, grid, objective, t_start, t_fit, t_end, concurrency)
+        finish_parent(s, client, parent, summary, spec, storage)
+        print_summary(summary)
+        return 0 if summary["completed"] > 0 else 1
+    finally:
+        ray.shutdown()
+
+
+def _apply_runtime_overrides(tuner: Any, args: argparse.Namespace) -> None:
+    """On --resume, settings that may change between drivers: concurrency and the time budget."""
+    internal = getattr(tuner, "_local_tuner", None)
+    if internal is None:
+        return
+    tc = internal._tune_config
+    if args.max_concurrent:
+        tc.max_concurrent_trials = args.max_concurrent
+    tc.time_budget_s = args.time_budget_s
+    internal._run_config.verbose = args.verbose
+    internal._run_config.failure_config.max_failures = args.max_failures
+
+
+def trial_rows(grid: Any, num_tasks: int) -> list[dict[str, Any]]:
+    """One row per trial of a ResultGrid: id, status, outcome, objective, params, times."""
+    from lada_core import metrics as M
+    from sweeps.objective import OBJECTIVE
+    from sweeps.trainable import DIVERGED, NODE_ID, TASK_SECONDS, TASKS_DONE
+
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        done = int(m.get(TASKS_DONE, 0) or 0)
+        if r.error is not None:
+            outcome = "failed"
+        elif m.get(DIVERGED):
+            outcome = "diverged"
+        elif done < num_tasks:
+            outcome = "pruned" if done > 0 else "not run"
+        else:
+            outcome = "completed"
+        rows.append({
+            "trial_id": m.get("trial_id") or (r.path.rsplit("/", 1)[-1] if r.path else "?"),
+            "outcome": outcome,
+            "objective": m.get(OBJECTIVE),
+            **{k: m.get(k) for k in M.METRICS},
+            "tasks_done": done,
+            "time_total_s": float(m.get("time_total_s", 0.0) or 0.0),
+            "task_seconds": float(m.get(TASK_SECONDS, 0.0) or 0.0),
+            "node_id": m.get(NODE_ID),
+            "config": dict(r.config or {}),
+        })
+    return rows
+
+
+def summarize(s: Settings, grid: Any, objective: Any, t_start: float, t_fit: float, t_end: float, concurrency: int) -> dict[str, Any]:
+    rows = trial_rows(grid, s.num_tasks or 0)
+    completed = [r for r in rows if r["outcome"] == "completed" and r["objective"] is not None and math.isfinite(r["objective"])]
+    sign = 1 if s.mode == "max" else -1
+    best = max(completed, key=lambda r: sign * r["objective"]) if completed else None
+    trial_time = sum(r["time_total_s"] for r in rows)
+    fit_wall = t_end - t_fit
+    ideal = trial_time / max(1, concurrency)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    return {
+        "name": s.name,
+        "space": s.space,
+        "objective": objective.name,
+        "mode": s.mode,
+        "trials": len(rows),
+        "completed": len(completed),
+        "outcomes": counts,
+        "best": best,
+        "rows": rows,
+        "wall_s": t_end - t_start,
+        "fit_wall_s": fit_wall,
+        "setup_s": t_fit - t_start,
+        "trial_time_sum_s": trial_time,
+        "concurrency": concurrency,
+        "overhead_share": max(0.0, 1.0 - ideal / fit_wall) if fit_wall > 0 else 0.0,
+        "overhead_share_total": max(0.0, 1.0 - ideal / (t_end - t_start)) if t_end > t_start else 0.0,
+        "folder": s.folder,
+        "study_storage": s.study_storage,
+        "mlflow_uri": s.mlflow_uri,
+        "parent_run_id": s.parent_run_id,
+    }
+
+
+def finish_parent(s: Settings, client: Any, parent: str, summary: dict[str, Any], spec: Any, storage: Any) -> None:
+    """Best config YAML (next to the results and on the parent run), best value, importances."""
+    from mlflow.entities import Metric, RunTag
+
+    from lada_core.config import config_to_yaml
+
+    best = summary["best"]
+    _write_text(join_path(s.folder, SUMMARY_FILE), json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+    metrics = [
+        Metric("trials_completed", float(summary["completed"]), int(time.time() * 1000), 0),
+        Metric("sweep_wall_s", float(summary["wall_s"]), int(time.time() * 1000), 0),
+        Metric("overhead_share", float(summary["overhead_share"]), int(time.time() * 1000), 0),
+    ]
+    tags = [RunTag("lada.outcomes", json.dumps(summary["outcomes"]))]
+    try:
+        if best is not None:
+            yaml_text = config_to_yaml(spec.config(best["config"]))
+            _write_text(join_path(s.folder, BEST_CONFIG), yaml_text)
+            metrics.append(Metric(f"best_{summary['objective'] if ',' not in summary['objective'] else 'objective'}", float(best["objective"]), int(time.time() * 1000), 0))
+            tags.append(RunTag("lada.best_trial_id", str(best["trial_id"])))
+            client.log_text(parent, yaml_text, BEST_CONFIG)
+        client.log_batch(parent, metrics=metrics, tags=tags)
+        client.log_dict(parent, {k: v for k, v in summary.items() if k != "rows"}, SUMMARY_FILE)
+        try:
+            from sweeps.report import importance_figure, load_study_for
+
+            study = load_study_for(s.study_storage, s.name)
+            fig = importance_figure(study)
+            if fig is not None:
+                client.log_figure(parent, fig, "param_importances.png")
+        except Exception as exc:  # too few finished trials, constant parameters
+            logging.getLogger(__name__).info("no importances: %s", exc)
+        client.set_terminated(parent, status="FINISHED")
+    except Exception as exc:
+        print(f"lada-sweep: warning: MLflow parent run not updated ({exc})", file=sys.stderr)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    best = summary["best"]
+    out = sys.stdout
+    print(f"sweep {summary['name']}: {summary['trials']} trials ({', '.join(f'{v} {k}' for k, v in sorted(summary['outcomes'].items()))})", file=out)
+    if best is not None:
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(best["config"].items()))
+        print(f"best {summary['objective']} = {best['objective']:.3f} (trial {best['trial_id']}: {params or 'paper defaults'})", file=out)
+        print(f"best config: {join_path(summary['folder'], BEST_CONFIG)}  (lada-train --config {join_path(summary['folder'], BEST_CONFIG)})", file=out)
+    print(
+        f"wall time {summary['wall_s']:.1f}s (setup {summary['setup_s']:.1f}s + trials {summary['fit_wall_s']:.1f}s); "
+        f"sum of trial times {summary['trial_time_sum_s']:.1f}s over concurrency {summary['concurrency']}: "
+        f"Ray+MLflow overhead {100 * summary['overhead_share']:.1f}% of the trial phase, "
+        f"{100 * summary['overhead_share_total']:.1f}% of the whole command",
+        file=out,
+    )
+    print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}  (parent run {summary['parent_run_id']})", file=out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lada-sweep``; returns the exit code (2: bad input, 1: no trial completed)."""
+    from lada_core.backbone import BackboneError
+    from lada_core.benchmarks import DataError
+    from lada_core.config import ConfigError
+    from search_spaces import UnknownSpaceError
+    from sweeps.objective import MetricError
+    from sweeps.resources import ResourceError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_sweep(args)
+    except (UsageError, UnknownSpaceError, MetricError, ConfigError, ResourceError, DataError, BackboneError) as exc:
+        print(f"lada-sweep: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lada-sweep: interrupted; continue with --resume --name <name>", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Optuna under Ray Tune: a persisted study, the paper defaults first, early-stopped trials as PRUNED.
+
+Ray's ``OptunaSearch`` tells Optuna every trial that ends with a result as COMPLETE, including a trial
+that ASHA stopped after a few tasks: its partial value then misleads TPE. :class:`LadaOptunaSearch`
+tells such a trial PRUNED (its per-task values stay as intermediate values, which TPE reads for
+pruned trials), a diverged or errored trial FAIL, and only a trial that reached its last task
+COMPLETE. The study lives in an Optuna storage next to the sweep's results, so ``--resume``
+continues it and another process (``sweeps/report.py``) can read it while the sweep runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from lada_core import metrics as M
+from sweeps.objective import OBJECTIVE
+from sweeps.trainable import DIVERGED, ERROR, NUM_TASKS, TASKS_DONE
+
+logger = logging.getLogger(__name__)
+
+RAY_TRIAL_ID_ATTR = "ray_trial_id"
+STUDY_FILE = "optuna.db"
+
+
+def storage_url_for(folder: str | Path) -> str:
+    """The default study storage of a sweep folder: ``sqlite:///<folder>/optuna.db``."""
+    return f"sqlite:///{Path(folder).resolve() / STUDY_FILE}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL (``sqlite:///...``, ``postgresql://...``) or a journal file path
+    (``*.log`` / ``*.jsonl``)."""
+    if "://" not in url:
+        path = Path(url)
+        if path.suffix in (".log", ".jsonl", ".journal"):
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        url = f"sqlite:///{path.resolve()}"
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url)
+
+
+def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(name)
+        return True
+    except KeyError:
+        return False
+
+
+def load_study(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url))
+
+
+def make_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
+    """TPE, seeded (multivariate with a constant liar for parallel trials is Optuna 5's default)."""
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+class LadaOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that tells early-stopped trials PRUNED and enqueues points idempotently."""
+
+    def __init__(
+        self,
+        space: Callable[[Any], dict[str, Any] | None],
+        metric: str = OBJECTIVE,
+        mode: str = "max",
+        points_to_evaluate: Sequence[Mapping[str, Any]] = (),
+        sampler: optuna.samplers.BaseSampler | None = None,
+        study_name: str | None = None,
+        storage: optuna.storages.BaseStorage | None = None,
+    ) -> None:
+        super().__init__(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study_name, storage=storage)
+        # OptunaSearch's own points_to_evaluate would enqueue them again on every construction;
+        # skip_if_exists keeps a rerun on the same study from evaluating the defaults twice.
+        for point in points_to_evaluate:
+            self._ot_study.enqueue_trial(dict(point), skip_if_exists=True)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:
+            ot_trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        value = result.get(self.metric)
+        step = result.get(M.TASK_INDEX, result.get("training_iteration"))
+        if value is None or step is None or not math.isfinite(float(value)):
+            return
+        try:
+            ot_trial.report(float(value), int(step))
+        except Exception as exc:  # a finished trial (after a restore) or a repeated step
+            logger.debug("optuna report skipped: %s", exc)
+
+    @staticmethod
+    def outcome(result: Mapping[str, Any] | None, metric: str, error: bool) -> tuple[TrialState, float | None]:
+        """How a finished Tune trial is told to Optuna."""
+        if error or not result:
+            return (TrialState.FAIL if error else TrialState.PRUNED), None
+        if result.get(DIVERGED):
+            return TrialState.FAIL, None
+        value = result.get(metric)
+        done, total = result.get(TASKS_DONE), result.get(NUM_TASKS)
+        if done is not None and total is not None and int(done) < int(total):
+            return TrialState.PRUNED, None
+        if value is None or not math.isfinite(float(value)):
+            return TrialState.FAIL, None
+        return TrialState.COMPLETE, float(value)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return
+        self._completed_trials.add(trial_id)
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if frozen.state.is_finished():
+            return  # told before a driver restart whose state predates it
+        state, value = self.outcome(result, self.metric, error)
+        if result and result.get(ERROR):
+            ot_trial.set_user_attr("error", str(result[ERROR])[:500])
+        try:
+            self._ot_study.tell(ot_trial, value if state == TrialState.COMPLETE else None, state=state)
+        except Exception as exc:
+            logger.warning("could not tell Optuna the end of trial %s: %s", trial_id, exc)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.fail_orphans()
+
+    def fail_orphans(self) -> list[int]:
+        """Mark FAIL the study's RUNNING trials that no Tune trial owns (asked by a driver that was
+        killed before it saved its state): they would otherwise stay RUNNING forever."""
+        owned = {t.number for t in self._ot_trials.values()}
+        failed = []
+        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number not in owned:
+                try:
+                    self._ot_study.tell(t.number, state=TrialState.FAIL)
+                    failed.append(t.number)
+                    fixed = t.system_attrs.get("fixed_params")
+                    if fixed:  # an enqueued point (the paper defaults, a grid point) that never ran
+                        self._ot_study.enqueue_trial(dict(fixed), skip_if_exists=False)
+                except Exception as exc:  # pragma: no cover - raced with another writer
+                    logger.warning("could not close orphaned Optuna trial %d: %s", t.number, exc)
+        return failed
