@@ -1,13 +1,12 @@
 """``lada_smoke``: a tiny space and schedule that finishes in a few minutes on a 2-core CPU.
 
-It runs offline on a fresh machine: ``mini-tail`` few-shot, a small random-init open_clip model
-(``search_spaces/models/lada-smoke.json``, no download), two augmented views and one epoch per task.
+It runs offline on a fresh machine: ``mini-tail`` few-shot, the small random-init open_clip model that
+``lada_core`` ships (``lada-tiny``, no download), two augmented views and one epoch per task.
 It exists to check an installation and to demo the product, not to find good settings.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lada_core import metrics
@@ -21,14 +20,12 @@ METRIC = metrics.AVERAGE
 MODE = "max"
 NUM_SAMPLES = 4
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "models"
 BASE: dict[str, Any] = {
     "data.benchmark": "mini-tail",
     "data.shots": 4,
     "data.views": 2,
-    "backbone.model": "lada-smoke",
+    "backbone.model": "lada-tiny",
     "backbone.pretrained": None,
-    "backbone.model_config_dir": str(MODEL_CONFIG_DIR),
     "optim.epochs": 1,
     "lada.kmeans_n_init": 2,
 }

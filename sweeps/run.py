@@ -38,12 +38,13 @@ SWEEP_FILE = "sweep.json"
 BEST_CONFIG = "best_config.yaml"
 SUMMARY_FILE = "summary.json"
 DEFAULT_STORAGE = "sweep_results"
+TINY_MODEL = "lada-tiny"  # the random-init model lada_core ships (lada_core/data/models)
 
 # Settings that define a sweep: on --resume they come from sweep.json and may not change.
 IDENTITY = (
     "space", "benchmark", "data_root", "num_samples", "metric", "scheduler", "grace_period",
     "reduction_factor", "gpus_per_trial", "cpus_per_trial", "seed", "config", "set", "study_storage",
-    "mlflow_uri", "experiment",
+    "mlflow_uri", "experiment", "tiny_model",
 )
 
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", default=None, help="objective: transfer, average, last, or a weighted mix like last=0.5,average=0.5 (default: the space's)")
     g.add_argument("--seed", type=int, default=None, help="seed of the Optuna sampler and of every trial's training (train.seed); default 0")
     g.add_argument("--config", default=None, help="a lada-train YAML config to start from")
+    g.add_argument("--tiny-model", action="store_true", default=None, help="use the small random-init model lada_core ships (lada-tiny): an offline demo of any space")
     g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="override a config value (repeatable), e.g. --set optim.epochs_scale=0.5")
     g = p.add_argument_group("scheduling")
     g.add_argument("--scheduler", choices=("fifo", "asha"), default=None, help="fifo runs every trial to its last task; asha stops trials that are weak after a task (default: the space's)")
@@ -115,6 +117,7 @@ class Settings:
     study_storage: str
     mlflow_uri: str
     experiment: str
+    tiny_model: bool = False
     parent_run_id: str | None = None
     cache_key: str | None = None
     cache_path: str | None = None
@@ -253,6 +256,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         study_storage=study_storage,
         mlflow_uri=args.mlflow_uri or default_tracking_uri(),
         experiment=args.experiment or DEFAULT_EXPERIMENT,
+        tiny_model=bool(args.tiny_model),
         created=time.time(),
     )
 
@@ -268,6 +272,8 @@ def base_config(s: Settings) -> Any:
         flags["data.benchmark"] = s.benchmark
     if s.data_root:
         flags["data.data_root"] = s.data_root
+    if s.tiny_model:
+        flags.update({"backbone.model": TINY_MODEL, "backbone.pretrained": None, "backbone.model_config_dir": None})
     cfg = build_config(s.config, sample=flags)
     # Absolute paths: trials run in other processes, other folders, maybe other nodes.
     from lada_core.config import from_dict
@@ -300,7 +306,12 @@ def check_inputs(s: Settings) -> tuple[Any, Any, Any]:
     spec = TrialSpec(base_config=base.to_dict(), overrides=tuple(s.set), cache_path=None, objective=objective)
     # Every point the sweep will certainly evaluate, and a few samples, must give valid configs that
     # keep the cache's data and backbone.
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=s.seed))
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=s.seed))
+    finally:
+        optuna.logging.set_verbosity(level)
     samples = [dict(p) for p in space.points_to_evaluate()]
     for _ in range(3):
         samples.append(space.sample(study.ask()))
@@ -407,7 +418,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from sweeps.search import LadaOptunaSearch, make_sampler, open_storage, study_exists
     from sweeps.trainable import TASKS_DONE, lada_trainable
 
-    t_start = time.time()
+    t_start = getattr(args, "t0", None) or time.time()
     s = resolve_settings(args)
     space, objective, spec = check_inputs(s)
     if s.gpus_per_trial is not None:
@@ -640,6 +651,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lada-sweep``; returns the exit code (2: bad input, 1: no trial completed)."""
+    t0 = time.time()  # the sweep's wall time counts from here (the heavy imports are lazy)
     from lada_core.backbone import BackboneError
     from lada_core.benchmarks import DataError
     from lada_core.config import ConfigError
@@ -649,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.t0 = t0
     try:
         return run_sweep(args)
     except (UsageError, UnknownSpaceError, MetricError, ConfigError, ResourceError, DataError, BackboneError) as exc:
