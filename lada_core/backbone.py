@@ -12,10 +12,12 @@ CenterCrop(size). Both end with the model's own normalisation.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -131,8 +133,9 @@ def load_backbone(
     check_model(name, pretrained, model_config_dir)
     try:
         # Random init (pretrained=None, the tests' models) is seeded, so that every process that
-        # loads the model (cache extraction, each trial) gets the same weights.
-        with torch.random.fork_rng(devices=[]):
+        # loads the model (cache extraction, each trial) gets the same weights. Without network,
+        # the hub is used in offline mode (local cache only) instead of retrying for a minute.
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip(), _hub_offline_if_unreachable(pretrained):
             torch.manual_seed(RANDOM_INIT_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
     except BackboneError:
@@ -140,6 +143,8 @@ def load_backbone(
     except Exception as exc:  # network failure, corrupt checkpoint, ...
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         if pretrained and not _is_path_like(pretrained):
+            if not _hub_reachable():
+                first = "huggingface.co is unreachable and the weights are not in the local cache"
             raise BackboneError(
                 f"could not fetch pretrained weights {name}/{pretrained} ({first}); without network, "
                 f"download the checkpoint elsewhere and pass its path: --set backbone.pretrained=/path/to/ckpt.pt"
@@ -193,6 +198,46 @@ def identity(name: str, pretrained: str | None) -> str:
     else:
         h.update(f"{pretrained}|{RANDOM_INIT_SEED if not pretrained else ''}".encode())
     return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip logs to the root logger ("No pretrained weights loaded", download errors); our own
+    errors say it better, once."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable(pretrained: str | None) -> Iterator[None]:
+    if not pretrained or _is_path_like(pretrained) or _hub_reachable():
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - open_clip depends on huggingface_hub
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _to_rgb(img: Any) -> Any:

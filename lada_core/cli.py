@@ -258,9 +258,9 @@ def train(cfg: Any, out: Path, quiet: bool = False, on_task_end: Any = None) -> 
 
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.time()
+    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed)  # cheap errors first
     bb = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
     if cfg.data.exact:
-        bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed)
         source = ExactSource(bench, bb, resolve_device(cfg.train.device), cfg.data.encode_batch_size)
         result = run_continual(cfg, None, out, on_task_end=on_task_end, backbone=bb, source=source, log=log)
     else:

@@ -1,0 +1,193 @@
+"""The trainer: zero-shot start, frozen CLIP, determinism, resume, learning and replay on mini-tail.
+
+All models are tiny random-init open_clip configs (no pretrained weights exist offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, tiny_overrides
+from lada_core.config import build_config
+from lada_core.model import AdaptedTextEncoder
+from lada_core.trainer import DivergenceError, run_continual
+
+np.set_printoptions(precision=1, suppress=True, linewidth=160)
+
+
+def test_new_task_starts_exactly_at_zero_shot(tiny_backbone) -> None:
+    """Before the first step, text features (hence text logits) equal those of frozen CLIP."""
+    tok = tiny_backbone.tokenizer(["a photo of a trouser.", "a photo of a dress.", "a photo of a bag."])
+    enc = AdaptedTextEncoder(tiny_backbone.text_module)
+    with torch.no_grad():
+        ours = enc(tok)
+        clip = tiny_backbone.model.encode_text(tok, normalize=True)
+    assert torch.equal(ours, clip.float())
+    x = torch.nn.functional.normalize(torch.randn(5, ours.shape[1]), dim=-1)
+    assert torch.equal(100 * x @ ours.t(), 100 * x @ clip.float().t())
+
+
+def test_only_adapters_and_current_units_are_trained(mini_cache, tiny_backbone, tmp_path: Path, monkeypatch) -> None:
+    cfg, _, bundle = mini_cache
+    cfg = build_config(overrides=["optim.epochs=1"], base=cfg)
+    before = {n: p.detach().clone() for n, p in tiny_backbone.model.named_parameters()}
+    seen_groups: list[list[int]] = []
+    orig_init = torch.optim.AdamW.__init__
+
+    def spy(self, params, *a, **k):  # record the optimizer's parameter groups
+        params = list(params)
+        seen_groups.append([sum(p.numel() for p in g["params"]) for g in params])
+        for g in params:
+            for p in g["params"]:
+                assert p.requires_grad
+        return orig_init(self, params, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
+    bundle2 = type(bundle)(bundle.key, bundle.path, bundle.tasks[:2], bundle.template, bundle.embed_dim)
+    run_continual(cfg, bundle2, tmp_path / "out", backbone=tiny_backbone, log=lambda m: None)
+    # no CLIP parameter requires grad, and none changed
+    assert not any(p.requires_grad for p in tiny_backbone.model.parameters())
+    for n, p in tiny_backbone.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    adapters = sum(p.numel() for p in AdaptedTextEncoder(tiny_backbone.text_module).parameters())
+    d = bundle.embed_dim
+    # two groups per task: all adapters, and the current task's units (2 classes x 16 shots -> 16 units each)
+    assert seen_groups == [[adapters, 2 * 16 * d], [adapters, 2 * 16 * d]]
+
+
+def test_same_seed_same_metrics(mini_cache, tiny_backbone, tmp_path: Path) -> None:
+    cfg, _, bundle = mini_cache
+    a = run_continual(cfg, bundle, tmp_path / "a", backbone=tiny_backbone, log=lambda m: None)
+    b = run_continual(cfg, bundle, tmp_path / "b", backbone=tiny_backbone, log=lambda m: None)
+    assert np.array_equal(a.matrix, b.matrix)
+    assert a.summary == b.summary
+    c = run_continual(build_config(overrides=["train.seed=5"], base=cfg), bundle, tmp_path / "c", backbone=tiny_backbone, log=lambda m: None)
+    assert not np.array_equal(a.matrix, c.matrix)
+
+
+def test_divergence_is_detected_within_one_step(mini_cache, tiny_backbone, tmp_path: Path) -> None:
+    cfg, _, bundle = mini_cache
+    bad = build_config(overrides=["optim.lr=1e30"], base=cfg)
+    # the first update (1 step per epoch here) blows the weights up; the next loss is caught
+    with pytest.raises(DivergenceError, match=r"loss is (nan|inf).*task 1/7.*epoch 2, step 1"):
+        run_continual(bad, bundle, tmp_path / "nan", backbone=tiny_backbone, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_killed_and_restarted_lada_train_ends_with_same_matrix(mini_cache, tmp_path: Path) -> None:
+    cfg, info, _ = mini_cache
+    sets = [a for o in tiny_overrides(info.path.parent, epochs=3) for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "lada_core.cli", *sets]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = subprocess.run([*cmd, "--output", str(tmp_path / "full"), "--quiet"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "task-002").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "task-002").exists() and not (out / "matrix.csv").exists(), "the run was not killed mid-way"
+    again = subprocess.run([*cmd, "--output", str(out)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr
+    assert (out / "matrix.csv").read_text() == (tmp_path / "full" / "matrix.csv").read_text()
+
+
+@pytest.mark.slow
+def test_mini_tail_every_task_learned_and_replay_prevents_forgetting(shared_cache_root: Path, tiny_backbone, tmp_path: Path) -> None:
+    """The method at work on a tiny random-init model: each task is learned right after training
+    it, and Gaussian replay keeps the first task alive where plain training forgets it.
+
+    Settings for a random-init toy (weak features, 1-2 steps per epoch): few-shot, no augmented
+    views, more epochs and a higher learning rate than the paper; the replay weight gamma is lower
+    than X-TAIL's 64, which on this toy leaves too little room for new tasks."""
+    from lada_core.features import ensure_cache, load_bundle
+
+    base = build_config(
+        overrides=[*tiny_overrides(shared_cache_root, shots=16, views=0, epochs=60), "optim.lr=2e-2", "lada.distill_weight=8"]
+    )
+    bundle = load_bundle(ensure_cache(base, progress=False, backbone=tiny_backbone, log=lambda m: None).path)
+    full = run_continual(base, bundle, tmp_path / "full", backbone=tiny_backbone, log=lambda m: None)
+    no_replay = run_continual(
+        build_config(overrides=["lada.variant=adapter_units"], base=base), bundle, tmp_path / "noreplay", backbone=tiny_backbone, log=lambda m: None
+    )
+    print("\nfull LADA (gamma = 8), accuracy matrix (row = after task j, column = dataset):\n", full.matrix)
+    print("summary", full.summary)
+    print("without replay (adapter + memory units):\n", no_replay.matrix)
+    print("summary", no_replay.summary)
+    chance = 100.0 / len(bundle.class_names)  # evaluation is over all 20 class names
+    diag = np.diag(full.matrix)
+    assert (diag > 5 * chance).all(), diag
+    # the first task after the last one: clearly higher with replay than without
+    assert full.matrix[-1, 0] > no_replay.matrix[-1, 0] + 10.0
+    assert full.summary["last"] > no_replay.summary["last"]
+
+
+def test_dry_run_trainable_count_vit_b_16() -> None:
+    """open_clip's ViT-B-16 architecture, random init (no download): 12 x (1024 + 8208 + 8704 + 1)
+    for the text adapters plus classes x lambda1 x 512 for the units."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lada_core.cli", "--dry-run", "--set", "backbone.model=ViT-B-16", "--set", "backbone.pretrained=null",
+         "--set", "data.shots=null"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["num_tasks"] == 7 and plan["num_classes"] == 20
+    for task in plan["tasks"]:
+        assert task["trainable_params"] == 12 * (1024 + 8208 + 8704 + 1) + task["classes"] * 16 * 512
+    assert [t["name"] for t in plan["tasks"]][:2] == ["fashion-1", "fashion-2"]
+    assert plan["tasks"][0]["class_names"] == ["T-shirt/top", "trouser"]
+
+
+def test_lada_core_imports_no_sweep_stack() -> None:
+    code = (
+        "import sys, pkgutil, importlib, lada_core\n"
+        "for m in pkgutil.walk_packages(lada_core.__path__, 'lada_core.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = [m for m in ('ray', 'optuna', 'mlflow') if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "lada.bogus=1"], "unknown config key 'lada.bogus'"),
+        (["--set", "optim.lr=fast"], "optim.lr: expected a number"),
+        (["--set", "lada.memory_size=0"], "lada.memory_size (lambda1) must be >= 1"),
+        (["--set", "backbone.model=NoSuchNet-9"], "unknown open_clip model 'NoSuchNet-9'"),
+        (["--set", "backbone.pretrained=/nope/ckpt.pt"], "checkpoint file not found: /nope/ckpt.pt"),
+        (["--set", "backbone.pretrained=null", "--data-root", "/nonexistent/fmnist"], "dataset-fashion-mnist"),
+        (["--benchmark", "no-such-bench"], "unknown benchmark 'no-such-bench'"),
+        (["--set", "lada.variant=half"], "lada.variant: expected one of"),
+        (["--set", "noequals"], "--set expects key=value"),
+        (["--config", "/nonexistent.yaml"], "config file not found"),
+    ],
+)
+def test_bad_input_one_line_and_nonzero_exit(args: list[str], needle: str, tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "lada_core.cli", *args, "--output", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and needle in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_malformed_yaml_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lada: {memory_size: [1, 2\n")
+    out = subprocess.run([sys.executable, "-m", "lada_core.cli", "--config", str(bad), "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "malformed YAML" in out.stderr and "Traceback" not in out.stderr
