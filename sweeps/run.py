@@ -322,6 +322,16 @@ def check_inputs(s: Settings) -> tuple[Any, Any, Any]:
     return space, objective, spec
 
 
+def _auth_env_for_address() -> None:
+    """Ray 2.59+ clusters started with ``ray start --head`` use token authentication when a token
+    exists (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``), but a process
+    that connects to one does not switch it on by itself: do it here, before ``import ray``."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def _connect_ray(args: argparse.Namespace, s: Settings) -> None:
     import ray
 
@@ -329,8 +339,12 @@ def _connect_ray(args: argparse.Namespace, s: Settings) -> None:
         _address_reachable(args.address)
         try:
             ray.init(address=args.address, log_to_driver=args.verbose > 0)
-        except ConnectionError as exc:
-            raise UsageError(f"--address {args.address}: could not connect to Ray ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # ConnectionError, ray.exceptions.AuthenticationError
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = ""
+            if "auth" in first.lower() or "token" in first.lower():
+                hint = " (token authentication: give this process the cluster's token with RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN, and RAY_AUTH_MODE=token)"
+            raise UsageError(f"--address {args.address}: could not connect to Ray: {first[:300]}{hint}") from None
     else:
         ray.init(num_cpus=args.local_cpus, num_gpus=args.local_gpus, include_dashboard=False, log_to_driver=args.verbose > 0)
 
@@ -411,6 +425,8 @@ def effective_concurrency(s: Settings, max_concurrent: int, cluster: dict[str, f
 
 def run_sweep(args: argparse.Namespace) -> int:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if args.address:
+        _auth_env_for_address()
     import ray
     from ray import tune
 
@@ -427,8 +443,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     exists = load_settings(s.storage, s.name) is not None or (not is_uri(folder) and Path(folder).exists() and any(Path(folder).iterdir()))
     if exists and not args.resume:
         raise UsageError(f"sweep {s.name!r} already exists in {s.storage}: pass --resume to continue it, or choose another --name")
-    storage = open_storage(s.study_storage)
-    if study_exists(storage, s.name) and not args.resume:
+    if not args.resume and _study_file_exists(s.study_storage) and study_exists(open_storage(s.study_storage), s.name):
         raise UsageError(f"an Optuna study named {s.name!r} already exists in {s.study_storage}: pass --resume or choose another --name")
 
     _connect_ray(args, s)
@@ -456,6 +471,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         from sweeps.objective import OBJECTIVE
         from sweeps.tracking import MlflowTracker
 
+        storage = open_storage(s.study_storage)
         searcher = LadaOptunaSearch(
             space.fn, metric=OBJECTIVE, mode=s.mode, points_to_evaluate=space.points_to_evaluate(),
             sampler=make_sampler(s.seed), study_name=s.name, storage=storage,
@@ -512,6 +528,15 @@ def run_sweep(args: argparse.Namespace) -> int:
         return 0 if summary["completed"] > 0 else 1
     finally:
         ray.shutdown()
+
+
+def _study_file_exists(url: str) -> bool:
+    """False for a sqlite/journal file that does not exist yet (checking must not create it)."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):]).exists()
+    if "://" not in url:
+        return Path(url).exists()
+    return True
 
 
 def _apply_runtime_overrides(tuner: Any, args: argparse.Namespace) -> None:

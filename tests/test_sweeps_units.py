@@ -1,0 +1,315 @@
+"""Fast checks of the sweep layer's parts (no Ray cluster): the objective, the resource check, the
+Optuna searcher's outcomes, the importances' direction, the MLflow callback's runs and batching."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from lada_core import metrics as M
+from sweeps.objective import OBJECTIVE, MetricError, Objective, parse_metric
+from sweeps.resources import ResourceError, check_request, validate_request
+from sweeps.trainable import NUM_TASKS, TASKS_DONE, TrialSpec, step_result
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# -- objective --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,weights", [
+    ("average", {"average": 1.0}),
+    ("Transfer", {"transfer": 1.0}),
+    ("LAST", {"last": 1.0}),
+    ("last=0.5,average=0.5", {"last": 0.5, "average": 0.5}),
+    ("last:1+transfer:3", {"last": 1.0, "transfer": 3.0}),
+])
+def test_parse_metric(text: str, weights: dict[str, float]) -> None:
+    assert dict(parse_metric(text).weights) == weights
+
+
+@pytest.mark.parametrize("text", ["", "accuracy", "last=abc", "last=-1", "last=0,average=0", "last,last", "last=inf"])
+def test_parse_metric_rejects(text: str) -> None:
+    with pytest.raises(MetricError) as err:
+        parse_metric(text)
+    assert "\n" not in str(err.value)
+
+
+def test_objective_value_matches_hand_computation() -> None:
+    values = {M.TRANSFER: 60.0, M.AVERAGE: 70.0, M.LAST: 80.0}
+    assert Objective({"average": 1.0}).value(values) == 70.0
+    assert Objective({"last": 0.5, "average": 0.5}).value(values) == pytest.approx(75.0)
+    assert Objective({"last": 1.0, "transfer": 3.0}).value(values) == pytest.approx((80 + 180) / 4)
+    assert math.isnan(Objective({"transfer": 1.0}).value({M.LAST: 1.0}))
+
+
+def test_step_result_fields() -> None:
+    rows = np.array([[50.0, 10.0, 20.0], [40.0, 60.0, 30.0]])
+    metrics = {**M.partial_summary(rows), "acc/a": 40.0, "acc/b": 60.0, "acc/c": 30.0}
+    r = step_result(metrics, 1, 3, 2.5, Objective({"last": 1.0}))
+    assert r[M.TASK_INDEX] == 1 and r[TASKS_DONE] == 2 and r[NUM_TASKS] == 3
+    assert r[OBJECTIVE] == pytest.approx(50.0)  # mean of a[1, :2]
+    assert r[M.TRANSFER] == pytest.approx((10.0 + (20.0 + 30.0) / 2) / 2)
+
+
+def test_trial_spec_precedence() -> None:
+    from lada_core.config import build_config
+
+    base = build_config(sample={"optim.lr": 3e-4, "lada.memory_size": 8})
+    spec = TrialSpec(base_config=base.to_dict(), overrides=("lada.memory_size=4",))
+    cfg = spec.config({"lada.memory_size": 32, "optim.lr": 1e-2})
+    assert cfg.optim.lr == 1e-2  # sample over base
+    assert cfg.lada.memory_size == 4  # --set over sample
+
+
+# -- resources --------------------------------------------------------------------------------------
+def test_resource_request_shapes() -> None:
+    validate_request(1, 0.25)
+    validate_request(2, 4)
+    for cpus, gpus in [(0, 0), (1, -1), (1, 1.5), (1, float("nan"))]:
+        with pytest.raises(ResourceError):
+            validate_request(cpus, gpus)
+
+
+def test_resource_request_must_fit_one_node() -> None:
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+    ]
+    check_request({"CPU": 4, "GPU": 1}, nodes)
+    check_request({"CPU": 1, "GPU": 0.5}, nodes)
+    with pytest.raises(ResourceError) as err:
+        check_request({"CPU": 1, "GPU": 2}, nodes)  # 2 GPUs in the cluster, but not on one node
+    msg = str(err.value)
+    assert "1 CPU, 2 GPU" in msg and "4 CPU, 1 GPU" in msg and "\n" not in msg
+    check_request({"CPU": 1, "GPU": 2}, nodes, {"gpu2": {"CPU": 8.0, "GPU": 2.0}})  # the autoscaler can add one
+
+
+# -- Optuna searcher -----------------------------------------------------------------------------------
+def _space(trial: Any) -> None:
+    trial.suggest_int("lada.memory_size", 1, 64, log=True)
+    trial.suggest_float("optim.lr", 1e-4, 1e-2, log=True)
+
+
+DEFAULTS = {"lada.memory_size": 16, "optim.lr": 1e-3}
+
+
+def _searcher(url: str, name: str = "s") -> Any:
+    from sweeps.search import LadaOptunaSearch, make_sampler, open_storage
+
+    return LadaOptunaSearch(_space, metric=OBJECTIVE, mode="max", points_to_evaluate=[DEFAULTS], sampler=make_sampler(0), study_name=name, storage=open_storage(url))
+
+
+def test_searcher_tells_pruned_failed_and_complete(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = _searcher(url)
+    first = s.suggest("t0")
+    assert first == DEFAULTS, "the paper defaults are evaluated first"
+    for tid in ("t1", "t2", "t3", "t4"):
+        s.suggest(tid)
+    for step in range(3):
+        s.on_trial_result("t0", {OBJECTIVE: 50.0 + step, M.TASK_INDEX: step})
+    s.on_trial_complete("t0", {OBJECTIVE: 52.0, TASKS_DONE: 3, NUM_TASKS: 3})
+    s.on_trial_result("t1", {OBJECTIVE: 10.0, M.TASK_INDEX: 0})
+    s.on_trial_complete("t1", {OBJECTIVE: 10.0, TASKS_DONE: 1, NUM_TASKS: 3})  # stopped by ASHA
+    s.on_trial_complete("t2", {OBJECTIVE: float("nan"), TASKS_DONE: 1, NUM_TASKS: 3, "diverged": 1, "error_message": "loss is nan"})
+    s.on_trial_complete("t3", None, error=True)
+    s.on_trial_complete("t4", {OBJECTIVE: 40.0, TASKS_DONE: 3, NUM_TASKS: 3})
+    study = optuna.load_study(study_name="s", storage=url)
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    t0, t1 = study.trials[0], study.trials[1]
+    assert t0.value == 52.0 and t0.intermediate_values == {0: 50.0, 1: 51.0, 2: 52.0}
+    assert t1.intermediate_values == {0: 10.0}  # Optuna keeps the last intermediate value of a pruned trial
+    assert study.trials[2].user_attrs["error"] == "loss is nan"
+    assert t0.user_attrs["ray_trial_id"] == "t0"
+    # A second completion (a restored driver) is not told twice.
+    s.on_trial_complete("t1", {OBJECTIVE: 10.0, TASKS_DONE: 3, NUM_TASKS: 3})
+    assert optuna.load_study(study_name="s", storage=url).trials[1].state == TrialState.PRUNED
+
+
+def test_searcher_rerun_does_not_enqueue_twice_and_fails_orphans(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = _searcher(url)
+    s.suggest("t0")  # takes the enqueued defaults, then the driver "dies" before saving its state
+    s2 = _searcher(url)  # same study: the defaults are not enqueued again
+    study = s2.study
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 0
+    assert s2.fail_orphans() == [0]
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.WAITING], "the orphaned defaults are enqueued again"
+    assert s2.suggest("t9") == DEFAULTS
+
+
+def test_importances_follow_the_direction() -> None:
+    """Parameter 'a' decides whether a trial reaches HIGH accuracy; 'b' only spreads the low ones.
+    Our importances rank 'a' first; PED-ANOVA given the accuracy as target ranks for LOW values."""
+    from sweeps.report import importances
+
+    rng = np.random.default_rng(0)
+    study = optuna.create_study(direction="maximize")
+    dists = {"a": optuna.distributions.FloatDistribution(0, 1), "b": optuna.distributions.FloatDistribution(0, 1)}
+    for _ in range(200):
+        a, b = rng.uniform(), rng.uniform()
+        value = 90.0 + rng.uniform(0, 0.1) if a > 0.8 else 10.0 + 40.0 * b
+        study.add_trial(optuna.trial.create_trial(params={"a": a, "b": b}, distributions=dists, value=value))
+    imp = importances(study)
+    assert list(imp)[0] == "a"
+    with pytest.warns(UserWarning):
+        trap = optuna.importance.get_param_importances(study, target=lambda t: t.value)
+    assert list(trap)[0] == "b", "the trap the report avoids"
+
+
+# -- MLflow callback -------------------------------------------------------------------------------------
+@dataclass
+class FakeTrial:
+    trial_id: str
+    config: dict[str, Any]
+    last_result: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Any = None
+
+    @property
+    def trial_name(self) -> str:
+        return f"trial_{self.trial_id}"
+
+    def get_error(self) -> Any:
+        return RuntimeError("worker died\nValueError: boom")
+
+    def __str__(self) -> str:
+        return self.trial_name
+
+
+NAMES = ["d0", "d1", "d2"]
+
+
+def _result(step: int) -> dict[str, Any]:
+    rows = np.array([[50.0 + 10 * j + t for t in range(3)] for j in range(step + 1)])
+    m = {**M.partial_summary(rows), **{f"acc/{n}": float(v) for n, v in zip(NAMES, rows[-1], strict=True)}}
+    r = step_result(m, step, 3, 1.0, Objective({"average": 1.0}))
+    r["node_id"] = "abc"
+    return r
+
+
+@pytest.fixture
+def tracker_env(tmp_path: Path) -> tuple[Any, str, str, str]:
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import get_or_create_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = get_or_create_experiment(client, "t", uri)
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    return client, uri, exp, parent
+
+
+def _tracker(uri: str, exp: str, parent: str) -> Any:
+    from sweeps.tracking import MlflowTracker
+
+    return MlflowTracker(uri, exp, parent, sweep_name="sw", flush_interval_s=3600, log_checkpoint=False)
+
+
+def test_tracker_child_runs_batching_and_resume(tracker_env: tuple[Any, str, str, str]) -> None:
+    from sweeps.tracking import MATRIX_CSV, MATRIX_PNG, OUTCOME_TAG, PARENT_TAG, TRIAL_ID_TAG, close_orphans
+
+    client, uri, exp, parent = tracker_env
+    tr = _tracker(uri, exp, parent)
+    trial = FakeTrial("t1", {"lada.memory_size": 8, "optim.lr": 0.002})
+    tr.on_trial_start(0, [trial], trial)
+    calls_after_start = tr.calls
+    for step in range(2):
+        tr.on_trial_result(0, [trial], trial, _result(step))
+        tr.on_step_end(0, [trial])
+    assert tr.calls == calls_after_start, "metrics are queued, not sent one by one"
+    assert tr.flush() and tr.calls == calls_after_start + 1, "one log_batch for all queued metrics"
+    run_id = tr.runs["t1"]
+    run = client.get_run(run_id)
+    assert run.data.tags[PARENT_TAG] == parent and run.data.tags[TRIAL_ID_TAG] == "t1"
+    assert run.data.params == {"lada.memory_size": "8", "optim.lr": "0.002"}
+
+    # The driver restarts with the saved state: the trial continues its run, no step twice.
+    state = tr.get_state()
+    tr2 = _tracker(uri, exp, parent)
+    tr2.set_state(state)
+    tr2.on_trial_start(0, [trial], trial)
+    for step in (1, 2):
+        tr2.on_trial_result(0, [trial], trial, _result(step))
+    trial.last_result = _result(2)
+    tr2.on_trial_complete(0, [trial], trial)
+    assert tr2.runs["t1"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[OUTCOME_TAG] == "completed"
+    for key in (M.AVERAGE, M.LAST, M.TRANSFER, OBJECTIVE, "acc/d1", M.TASK_INDEX):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1, 2], key
+    arts = {a.path for a in client.list_artifacts(run_id)}
+    assert {MATRIX_CSV, MATRIX_PNG} <= arts
+    csv = Path(client.download_artifacts(run_id, MATRIX_CSV)).read_text().splitlines()
+    assert csv[0] == "step,d0,d1,d2" and csv[3].startswith("d2,70.0000,71.0000")
+
+    # A driver that lost its state (killed before saving) finds the run by its tag.
+    trial2 = FakeTrial("t2", {"lada.memory_size": 4, "optim.lr": 0.001})
+    tr.on_trial_start(0, [trial2], trial2)
+    tr.on_trial_result(0, [trial2], trial2, _result(0))
+    tr.flush()
+    tr3 = _tracker(uri, exp, parent)  # no set_state
+    tr3.on_trial_start(0, [trial2], trial2)
+    tr3.on_trial_result(0, [trial2], trial2, _result(0))
+    tr3.on_trial_result(0, [trial2], trial2, _result(1))
+    trial2.last_result = _result(1)
+    tr3.on_trial_complete(0, [trial2], trial2)
+    assert tr3.runs["t2"] == tr.runs["t2"]
+    assert [m.step for m in client.get_metric_history(tr.runs["t2"], M.AVERAGE)] == [0, 1]
+    assert client.get_run(tr.runs["t2"]).data.tags[OUTCOME_TAG] == "pruned"
+
+    # Errors and orphans.
+    trial3 = FakeTrial("t3", {"lada.memory_size": 2, "optim.lr": 0.001})
+    tr3.on_trial_start(0, [trial3], trial3)
+    tr3.on_trial_error(0, [trial3], trial3)
+    r3 = client.get_run(tr3.runs["t3"])
+    assert r3.info.status == "FAILED" and r3.data.tags["lada.error"] == "ValueError: boom"
+    orphan = FakeTrial("t4", {"lada.memory_size": 2, "optim.lr": 0.001})
+    tr3.on_trial_start(0, [orphan], orphan)
+    assert close_orphans(client, exp, parent, keep=["t1", "t2", "t3"]) == [tr3.runs["t4"]]
+    assert client.get_run(tr3.runs["t4"]).info.status == "KILLED"
+    children = client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+    assert sorted(r.data.tags[TRIAL_ID_TAG] for r in children) == ["t1", "t2", "t3", "t4"], "one run per trial"
+
+
+def test_tracker_keeps_metrics_when_mlflow_is_down(tracker_env: tuple[Any, str, str, str], tmp_path: Path) -> None:
+    client, uri, exp, parent = tracker_env
+    tr = _tracker(uri, exp, parent)
+    trial = FakeTrial("t1", {"optim.lr": 0.001})
+    tr.on_trial_start(0, [trial], trial)
+    tr.on_trial_result(0, [trial], trial, _result(0))
+    good = tr._client
+    from mlflow.tracking import MlflowClient
+
+    tr._client = MlflowClient("http://127.0.0.1:9")  # nothing listens there
+    import os
+
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        assert tr.flush() is False
+    finally:
+        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    assert len(tr._pending) > 0, "kept for a retry"
+    tr._client = good
+    assert tr.flush() and not tr._pending
+    assert [m.step for m in client.get_metric_history(tr.runs["t1"], M.AVERAGE)] == [0]
+
+
+def test_tracker_is_picklable(tracker_env: tuple[Any, str, str, str]) -> None:
+    import pickle
+
+    client, uri, exp, parent = tracker_env
+    tr = _tracker(uri, exp, parent)
+    trial = FakeTrial("t1", {"optim.lr": 0.001})
+    tr.on_trial_start(0, [trial], trial)
+    clone = pickle.loads(pickle.dumps(tr))
+    assert clone.runs == tr.runs and clone._client is None
