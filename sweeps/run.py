@@ -425,8 +425,19 @@ def effective_concurrency(s: Settings, max_concurrent: int, cluster: dict[str, f
 
 def run_sweep(args: argparse.Namespace) -> int:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    auth_before = os.environ.get("RAY_AUTH_MODE")
     if args.address:
         _auth_env_for_address()
+    try:
+        return _run_sweep(args)
+    finally:
+        if auth_before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_before
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
     import ray
     from ray import tune
 
@@ -437,8 +448,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     t_start = getattr(args, "t0", None) or time.time()
     s = resolve_settings(args)
     space, objective, spec = check_inputs(s)
-    if s.gpus_per_trial is not None:
-        validate_request(s.cpus_per_trial, s.gpus_per_trial)
+    validate_request(s.cpus_per_trial, s.gpus_per_trial or 0.0)
     folder = s.folder
     exists = load_settings(s.storage, s.name) is not None or (not is_uri(folder) and Path(folder).exists() and any(Path(folder).iterdir()))
     if exists and not args.resume:

@@ -29,6 +29,7 @@ NUM_TASKS = "num_tasks"
 TASK_SECONDS = "task_seconds"
 DIVERGED = "diverged"
 NODE_ID = "node_id"
+WORLD_SIZE = "world_size"
 ERROR = "error_message"
 
 
@@ -104,6 +105,7 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     def on_task_end(te: Any) -> None:
         result = step_result(te.metrics, te.task_index, te.num_tasks, te.seconds, spec.objective)
         result[NODE_ID] = node_id
+        result[WORLD_SIZE] = world
         if getattr(te, "resumed", False):
             last["result"] = result  # already reported before the restore
             return
@@ -117,8 +119,8 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         last["result"] = result
 
     t0 = time.time()
+    world = _world_size()
     try:
-        world = _world_size()
         run_continual_parallel(cfg, spec.cache_path, workdir, world, on_task_end=on_task_end)
     except DivergenceError as exc:
         # Retrying cannot help (same seed, same data): end the trial with the reason, as a failed value.
