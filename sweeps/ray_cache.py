@@ -9,9 +9,10 @@ all nodes share: NFS, a mounted bucket). Shards are content-determined (per-(ima
 shards per job), so the cache is the same bytes as one built by the local runner, and an interrupted
 fan-out resumes from its finished shards like a local build.
 
-Connection: an explicit ``address`` (``ray://...`` or ``host:port``) must be reachable; ``"auto"``
-attaches to a running cluster (``ray start`` / ``RAY_ADDRESS``) and otherwise starts a local Ray for
-the duration of the build. A Ray that the caller already initialised is used as it is and left running.
+Connection: an explicit ``address`` (``ray://...`` or ``host:port``) must answer (probed first, so a
+wrong address fails in seconds); ``"auto"`` attaches to a running cluster (``RAY_ADDRESS``, the last
+``ray start`` on this machine) and otherwise starts a local Ray for the duration of the build. A Ray
+that the caller already initialised is used as it is and left running.
 """
 
 from __future__ import annotations
@@ -55,6 +56,35 @@ class _Encoder:
     def encode(self, job: ShardJob) -> tuple[str, int, str]:
         encode_shard(job, self.ctx.benchmark.tasks[job.task_index], self.backbone, self.device, self.ctx.batch_size, self.ctx.num_workers)
         return job.path, job.rows, socket.gethostname()
+
+
+def _reachable(address: str, timeout: float = 5.0) -> bool:
+    """Whether something listens at ``host:port`` (also ``ray://host:port``)."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # not host:port (a name Ray resolves itself): let ray.init decide
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _running_cluster() -> str | None:
+    """The address ``ray.init(address="auto")`` would use (RAY_ADDRESS, the last ``ray start`` on this
+    machine, or a running GCS), or None when there is none."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env:
+        return env
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        return get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        return None
+    except Exception:  # a Ray whose private helper moved: fall back to Ray's own lookup
+        return "auto"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -105,25 +135,35 @@ class RayJobRunner:
     # ---------------------------------------------------------------------------------------- setup
 
     def _connect(self) -> bool:
-        """Attach to Ray; return True when this runner started or attached the driver (and must shut it down)."""
+        """Attach to Ray; return True when this runner started or attached the driver (and must shut it down).
+
+        Addresses are probed (TCP, 5 s) before ``ray.init``: Ray itself retries an unreachable address
+        for minutes."""
         import ray
 
         if ray.is_initialized():
             return False
         kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
         if self.address != "auto":
+            if not _reachable(self.address):
+                raise RayUnavailable(f"--address {self.address}: no Ray cluster answers there (start one with 'ray start --head', or check host and port)")
             try:
                 ray.init(address=self.address, **kwargs)
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 raise RayUnavailable(f"--address {self.address}: could not connect to a Ray cluster ({_first_line(exc)})") from None
             self.log(f"lada-cache: connected to the Ray cluster at {self.address}")
             return True
-        try:
-            ray.init(address="auto", **kwargs)
-            self.log("lada-cache: connected to the running Ray cluster")
-        except ConnectionError:
-            self.log("lada-cache: no running Ray cluster found (ray start / RAY_ADDRESS); starting a local one")
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False, **kwargs)
+        found = _running_cluster()
+        env = os.environ.get("RAY_ADDRESS", "")
+        if found is not None and _reachable(found):
+            ray.init(address=found, **kwargs)
+            self.log(f"lada-cache: connected to the running Ray cluster at {found}")
+            return True
+        if env:
+            raise RayUnavailable(f"RAY_ADDRESS={env}: no Ray cluster answers there")
+        where = f" (the cluster recorded at {found} does not answer)" if found else ""
+        self.log(f"lada-cache: no running Ray cluster found{where}; starting a local one")
+        ray.init(num_cpus=self.num_cpus, include_dashboard=False, **kwargs)
         return True
 
     def _plan(self, ctx: BuildContext, n_jobs: int) -> tuple[int, float, int, str]:

@@ -470,7 +470,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         s.dataset_names = list(bundle.task_names)
         from dataclasses import replace
 
-        spec = replace(spec, cache_path=str(info.path))
+        spec = replace(spec, cache_path=str(info.path), results_dir=None if is_uri(folder) else folder)
         client, exp_id, parent = open_parent_run(s, spec.config({}).data.benchmark, info)
         s.parent_run_id = parent
         save_settings(s)

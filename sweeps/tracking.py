@@ -239,13 +239,16 @@ class MlflowTracker(Callback):
                 # A resumed trial: continue its run; never log a task step twice.
                 run = self.client.get_run(run_id)
                 self.calls += 1
+                # MLflow is the truth of what was logged: a killed driver may have saved a state
+                # whose queued metrics never reached MLflow.
                 logged = run.data.metrics.get(M.TASK_INDEX)
-                if logged is not None:
-                    self.last_step[tid] = max(self.last_step.get(tid, -1), int(logged))
+                self.last_step[tid] = int(logged) if logged is not None else -1
                 if run.info.status != "RUNNING" and tid not in self.finished:
                     self.client.update_run(run_id, status="RUNNING")
                     self.calls += 1
                 self._synced.add(tid)
+                self.runs[tid] = run_id
+                self._backfill(trial, run_id)
         except Exception as exc:
             logger.warning("MLflow: could not open the run of trial %s: %s", tid, exc)
             return self.runs.get(tid)
@@ -269,11 +272,40 @@ class MlflowTracker(Callback):
         self.finished.discard(trial.trial_id)
         self.run_id_for(trial)
 
+    def _backfill(self, trial: Trial, run_id: str) -> None:
+        """Queue the steps Tune recorded (the trial's ``result.json``) that MLflow lacks: results a
+        killed driver had received but not sent yet."""
+        import json
+
+        for base in (getattr(trial, "local_path", None), getattr(trial, "path", None)):
+            if not base or "://" in str(base):
+                continue
+            f = Path(base) / "result.json"
+            if not f.is_file():
+                continue
+            try:
+                lines = f.read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                try:
+                    res = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(res, dict) and M.TASK_INDEX in res:
+                    self._queue(trial.trial_id, run_id, res)
+            return
+
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         tid = trial.trial_id
         run_id = self.runs.get(tid) or self.run_id_for(trial)
         if run_id is None or M.TASK_INDEX not in result:
             return
+        self._queue(tid, run_id, result)
+        if len(self._pending) >= self.flush_size:
+            self.flush()
+
+    def _queue(self, tid: str, run_id: str, result: Mapping[str, Any]) -> None:
         step = int(result[M.TASK_INDEX])
         accs = [k for k in result if k.startswith(ACC_PREFIX)]
         if accs:
@@ -288,8 +320,6 @@ class MlflowTracker(Callback):
             self._pending.append((run_id, Metric(key, value, ts, step)))
         self._pending.append((run_id, Metric(M.TASK_INDEX, float(step), ts, step)))
         self.last_step[tid] = step
-        if len(self._pending) >= self.flush_size:
-            self.flush()
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if self._pending and time.monotonic() - self._last_flush >= self.flush_interval_s:

@@ -42,6 +42,7 @@ class TrialSpec:
     cache_path: str | None = None  # the finished feature cache (None = exact mode)
     objective: Objective = field(default_factory=lambda: Objective({M.AVERAGE: 1.0}))
     work_root: str | None = None  # node-local folder for the trainer's output (default: the temp dir)
+    results_dir: str | None = None  # the sweep's folder when it is a local or shared path (not a URI)
 
     def config(self, sample: Mapping[str, Any]) -> Any:
         """The trial's Config: base < sample < --set."""
@@ -80,6 +81,35 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def _task_index(folder: Path) -> int:
+    """Index of the newest ``task-NNN`` checkpoint folder under ``folder`` (-1 if none)."""
+    best = -1
+    for p in folder.glob("task-*/state.pt"):
+        try:
+            best = max(best, int(p.parent.name.split("-")[1]))
+        except (IndexError, ValueError):
+            continue
+    return best
+
+
+def newest_stored_checkpoint(results_dir: str | None, trial_id: str) -> Path | None:
+    """The newest ``task-NNN`` folder this trial persisted under the sweep's folder (local or shared
+    storage). A driver killed between two experiment snapshots restores a trial from an older
+    checkpoint than the trial had written; the newer one on disk saves redoing tasks."""
+    if not results_dir:
+        return None
+    best: tuple[int, Path] | None = None
+    for trial_dir in Path(results_dir).glob(f"*_{trial_id}_*"):
+        for p in trial_dir.glob("checkpoint_*/task-*/state.pt"):
+            try:
+                k = int(p.parent.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if best is None or k > best[0]:
+                best = (k, p.parent)
+    return best[1] if best else None
+
+
 def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     """The Ray Tune function trainable (wrapped with ``tune.with_parameters(lada_trainable, spec=...)``)."""
     import ray
@@ -99,24 +129,41 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(workdir))  # task-NNN/ of the last finished task
-    reported = {"fresh": 0}
+    tune_known = _task_index(workdir)  # the last step Tune has recorded (its checkpoint's task)
+    stored = newest_stored_checkpoint(spec.results_dir, trial_id)
+    if stored is not None and int(stored.name.split("-")[1]) > tune_known:
+        for old in workdir.glob("task-*"):
+            shutil.rmtree(old)
+        shutil.copytree(stored, workdir / stored.name)
+    reported = {"count": 0}
     last: dict[str, Any] = {}
+
+    def report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is None:
+            tune.report(result)
+        else:
+            stage = root / "report" / f"step-{result[M.TASK_INDEX]:03d}"
+            shutil.copytree(checkpoint_dir, stage / Path(checkpoint_dir).name, copy_function=_link_or_copy)
+            try:
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(stage)))
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        reported["count"] += 1
+        last["result"] = result
 
     def on_task_end(te: Any) -> None:
         result = step_result(te.metrics, te.task_index, te.num_tasks, te.seconds, spec.objective)
         result[NODE_ID] = node_id
         result[WORLD_SIZE] = world
         if getattr(te, "resumed", False):
-            last["result"] = result  # already reported before the restore
+            last["result"] = result
+            if te.task_index > tune_known:
+                # Done before a driver restart that Tune never recorded: report it again (no training),
+                # with the checkpoint on the last such step. MLflow skips steps it already has.
+                ckpt = Path(te.checkpoint_dir)
+                report(result, ckpt if (ckpt / "state.pt").is_file() else None)
             return
-        stage = root / "report" / f"step-{te.task_index:03d}"
-        shutil.copytree(te.checkpoint_dir, stage / Path(te.checkpoint_dir).name, copy_function=_link_or_copy)
-        try:
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(stage)))
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        reported["fresh"] += 1
-        last["result"] = result
+        report(result, Path(te.checkpoint_dir))
 
     t0 = time.time()
     world = _world_size()
@@ -131,7 +178,7 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         return
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if reported["fresh"] == 0 and "result" in last:
+    if reported["count"] == 0 and "result" in last:
         # Every task was already done (the trial finished just before a driver restart): report the
         # final step again so that Tune, Optuna and MLflow see the trial's end.
         final = dict(last["result"])

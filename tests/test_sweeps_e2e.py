@@ -1,0 +1,294 @@
+"""End to end, CPU only, real components: ``lada-sweep`` processes on a local Ray (and on a two-node
+cluster of real ``ray start`` processes), a sqlite MLflow store and an Optuna storage, read back
+through their own clients. Every sweep has a time budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sweeps_helpers import (
+    LocalRayCluster,
+    SweepDirs,
+    child_runs,
+    kill_group,
+    run_sweep,
+    settings,
+    short_tmp,
+    study_states,
+    summary,
+    sweep_args,
+    sweep_env,
+    tune_trial_results,
+)
+
+from lada_core import metrics as M
+
+pytestmark = pytest.mark.slow
+
+BUDGET = ["--time-budget-s", "400"]
+
+
+@pytest.fixture
+def dirs(tmp_path: Path, shared_cache_root: Path) -> SweepDirs:
+    d = SweepDirs(tmp_path, shared_cache_root)
+    yield d
+    shutil.rmtree(d.ray_tmp, ignore_errors=True)
+
+
+def _mlflow_checks(dirs: SweepDirs, name: str, expect_finished: int) -> list:
+    from mlflow.tracking import MlflowClient
+
+    st = settings(dirs, name)
+    num_tasks = st["num_tasks"]
+    client = MlflowClient(dirs.mlflow_uri)
+    runs = [r for r in child_runs(dirs.mlflow_uri, st["parent_run_id"]) if r.info.status == "FINISHED"]
+    assert len(runs) == expect_finished
+    ids = [r.data.tags["lada.trial_id"] for r in runs]
+    assert len(set(ids)) == len(ids), "one child run per trial"
+    for r in runs:
+        done = int(r.data.tags["lada.tasks_done"])
+        for key in (M.AVERAGE, M.LAST, M.TRANSFER, "objective", f"acc/{st['dataset_names'][0]}"):
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+            assert steps == list(range(done)), (key, steps)
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"accuracy_matrix.csv", "accuracy_matrix.png", "config.yaml", "checkpoint"} <= arts, arts
+        ckpt = {a.path for a in client.list_artifacts(r.info.run_id, "checkpoint")}
+        assert f"checkpoint/task-{done - 1:03d}" in ckpt
+        csv = Path(client.download_artifacts(r.info.run_id, "accuracy_matrix.csv")).read_text().splitlines()
+        assert len(csv) == done + 1 and csv[0] == "step," + ",".join(st["dataset_names"])
+        assert num_tasks == len(st["dataset_names"])
+    return runs
+
+
+def test_smoke_sweep_end_to_end(dirs: SweepDirs) -> None:
+    """lada_smoke on mini-tail, local Ray: trials, one MLflow child run per trial under the parent,
+    one metric point per task step, the matrix artifacts, the best config exported."""
+    from mlflow.tracking import MlflowClient
+
+    from lada_core.config import build_config
+
+    res = run_sweep(dirs, sweep_args(dirs, "smoke", "--space", "lada_smoke", "--seed", "0", *BUDGET))
+    assert res.returncode == 0, res.stderr[-5000:]
+    assert "Ray+MLflow overhead" in res.stdout
+    s = summary(dirs, "smoke")
+    assert s["trials"] == 4 and s["completed"] == 4
+    st = settings(dirs, "smoke")
+    assert st["num_tasks"] == 7
+    assert study_states(st["study_storage"], "smoke") == {"COMPLETE": 4}
+    import optuna
+
+    study = optuna.load_study(study_name="smoke", storage=st["study_storage"])
+    assert study.trials[0].params == {"lada.memory_size": 16, "lada.distill_weight": 64.0, "optim.lr": 1e-3}, "paper defaults first"
+
+    runs = _mlflow_checks(dirs, "smoke", expect_finished=4)
+    client = MlflowClient(dirs.mlflow_uri)
+    parent = client.get_run(st["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["lada.space"] == "lada_smoke" and parent.data.tags["lada.benchmark"] == "mini-tail"
+    assert parent.data.tags["lada.cache_key"] == st["cache_key"]
+    assert len(parent.data.tags.get("mlflow.source.git.commit", "")) == 40
+    assert "best_average" in parent.data.metrics
+    assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {r.data.params["optim.lr"] for r in runs} and all("lada.memory_size" in r.data.params for r in runs)
+
+    best_yaml = dirs.folder("smoke") / "best_config.yaml"
+    cfg = build_config(config_path=best_yaml)  # ready for lada-train --config
+    best = s["best"]
+    assert cfg.optim.lr == pytest.approx(best["config"]["optim.lr"]) and cfg.lada.memory_size == best["config"]["lada.memory_size"]
+    assert cfg.backbone.model == "lada-tiny" and cfg.data.benchmark == "mini-tail"
+    assert best["objective"] == pytest.approx(max(r["objective"] for r in s["rows"]))
+
+    # The report reads the same sweep.
+    rep = subprocess.run([sys.executable, "-m", "sweeps.report", "--storage", str(dirs.storage), "--name", "smoke", "--json"],
+                         capture_output=True, text=True, cwd=dirs.root, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    data = json.loads(rep.stdout)
+    assert data["states"] == {"COMPLETE": 4} and len(data["top"]) == 4
+    assert data["top"][0]["value"] == pytest.approx(best["objective"])
+    assert set(data["importances"]) == {"lada.memory_size", "lada.distill_weight", "optim.lr"}
+
+
+def test_asha_stops_weak_trials_between_tasks(dirs: SweepDirs) -> None:
+    """One trial at a time, keep the best half at each rung: the later, weaker trials stop after a
+    task and are told to Optuna as PRUNED; their MLflow runs say so and hold only the steps run."""
+    res = run_sweep(dirs, sweep_args(dirs, "asha", "--space", "lada_smoke", "--scheduler", "asha", "--max-concurrent", "1",
+                                     "--reduction-factor", "2", "--grace-period", "1", "--seed", "0", *BUDGET))
+    assert res.returncode == 0, res.stderr[-5000:]
+    s = summary(dirs, "asha")
+    pruned = [r for r in s["rows"] if r["outcome"] == "pruned"]
+    assert pruned, s["outcomes"]
+    assert all(r["tasks_done"] < 7 for r in pruned)
+    st = settings(dirs, "asha")
+    states = study_states(st["study_storage"], "asha")
+    assert states.get("PRUNED", 0) == len(pruned) and states.get("COMPLETE", 0) == s["completed"]
+    runs = _mlflow_checks(dirs, "asha", expect_finished=4)
+    outcomes = sorted(r.data.tags["lada.outcome"] for r in runs)
+    assert outcomes.count("pruned") == len(pruned)
+
+
+def _poll(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_resume_after_the_driver_is_killed(dirs: SweepDirs) -> None:
+    """Kill the driver (and the local Ray it started) mid-sweep, then --resume: the sweep finishes
+    with the requested trials; Optuna, Ray's results and MLflow agree; nothing ran or logged twice."""
+    import optuna
+
+    name = "resume"
+    # One trial at a time, a few hundred optimizer steps per task (about a second per task), so that
+    # the kill lands while a trial is between tasks.
+    args = sweep_args(dirs, name, "--space", "lada_smoke", "--max-concurrent", "1", "--seed", "1",
+                      "--set", "optim.epochs=8", "--set", "optim.batch_size=2", *BUDGET)
+    env = sweep_env(dirs)
+    log = open(dirs.root / "killed-driver.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.run", *args], cwd=dirs.root, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        study_db = dirs.folder(name) / "optuna.db"
+
+        def one_done_one_running() -> bool:
+            if not study_db.exists():
+                return False
+            study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_db}")
+            done = {t.user_attrs.get("ray_trial_id") for t in study.trials if t.state.name == "COMPLETE"}
+            if not done:
+                return False
+            results = tune_trial_results(dirs.folder(name))
+            # another trial has reported a task but not its last one
+            return any(tid not in done and 1 <= len(rows) <= 5 for tid, rows in results.items())
+
+        _poll(one_done_one_running, 300, "one finished trial and another one mid-sweep")
+    finally:
+        kill_group(proc, signal.SIGKILL)
+        log.close()
+    before = study_states(f"sqlite:///{study_db}", name)
+    assert before.get("COMPLETE", 0) >= 1 and before.get("COMPLETE", 0) < 4
+
+    res = run_sweep(dirs, [*args, "--resume"])  # the same command again, plus --resume
+    assert res.returncode == 0, res.stderr[-6000:]
+    s = summary(dirs, name)
+    assert s["trials"] == 4 and s["completed"] == 4, s["outcomes"]
+    st = settings(dirs, name)
+    study = optuna.load_study(study_name=name, storage=st["study_storage"])
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4
+    assert len({t.user_attrs["ray_trial_id"] for t in finished}) == 4
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    results = tune_trial_results(dirs.folder(name))
+    assert len(results) == 4
+    resumed = 0
+    for tid, rows in results.items():
+        steps = [r[M.TASK_INDEX] for r in rows]
+        assert steps == list(range(7)), (tid, steps)  # every task once: nothing reran
+        resumed += len({r["pid"] for r in rows}) > 1
+    assert resumed >= 1, "a trial was continued from its checkpoint by the new driver"
+    runs = _mlflow_checks(dirs, name, expect_finished=4)
+    assert {r.data.tags["lada.trial_id"] for r in runs} == {t.user_attrs["ray_trial_id"] for t in finished}
+    others = [r for r in child_runs(dirs.mlflow_uri, st["parent_run_id"]) if r.info.status != "FINISHED"]
+    assert all(r.info.status == "KILLED" for r in others), "only runs of trials the killed driver never saved"
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(dirs: SweepDirs) -> None:
+    """A head and a worker node from real `ray start` processes on this machine, one CPU each: the
+    sweep connects with --address and its concurrent trials land on both nodes."""
+    tmp = short_tmp("rc")
+    cluster = LocalRayCluster(tmp)
+    try:
+        cluster.start_head(num_cpus=1, resources={"node_a": 1})
+        cluster.add_node(num_cpus=1, resources={"node_b": 1})
+        cluster.wait_nodes(2)
+        env = sweep_env(dirs, {k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
+        res = run_sweep(dirs, sweep_args(dirs, "twonode", "--space", "lada_smoke", "--address", cluster.address, "--num-samples", "2",
+                                         "--max-concurrent", "2", "--cpus-per-trial", "1", *BUDGET, local_cpus=None), env=env)
+        assert res.returncode == 0, res.stderr[-6000:]
+        s = summary(dirs, "twonode")
+        assert s["completed"] == 2
+        nodes = {r["node_id"] for r in s["rows"]}
+        assert len(nodes) == 2, nodes
+        _mlflow_checks(dirs, "twonode", expect_finished=2)
+    finally:
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- data-parallel trials ------------------------------------------------------------------------------
+def _dp_config(cache_root: Path):
+    from lada_core.config import build_config
+
+    from search_spaces import get_space
+
+    base = dict(get_space("lada_smoke").base)
+    base.update({"data.cache_root": str(cache_root), "train.device": "cpu", "data.device": "cpu", "optim.epochs": 2, "optim.batch_size": 4})
+    return build_config(sample=base)
+
+
+def test_data_parallel_gloo_matches_one_process(tmp_path: Path, shared_cache_root: Path) -> None:
+    """Two gloo ranks on CPU, each with half of every batch and gradients summed: the same accuracy
+    matrix and the same learned state as one process, up to float tolerance."""
+    import torch
+
+    from lada_core.features import ensure_cache
+
+    from sweeps.distributed import run_continual_parallel
+
+    cfg = _dp_config(shared_cache_root)
+    info = ensure_cache(cfg, progress=False, log=lambda m: None)
+    one = run_continual_parallel(cfg, info.path, tmp_path / "one", 1, log=lambda m: None)
+    two = run_continual_parallel(cfg, info.path, tmp_path / "two", 2, backend="gloo", log=lambda m: None)
+    np.testing.assert_allclose(two.matrix, one.matrix, atol=0.05)  # at most a borderline test image
+    a = torch.load(tmp_path / "one" / "task-006" / "state.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / "task-006" / "state.pt", weights_only=False)
+    for key in ("units", "text_seen"):
+        torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
+
+
+def test_multi_gpu_trial_placement_with_logical_gpus(dirs: SweepDirs) -> None:
+    """--gpus-per-trial 2 on a local Ray with two logical GPUs: the trial gets both, runs two
+    data-parallel ranks (gloo here, NCCL on real GPUs) and ends with the one-process result."""
+    from lada_core.features import ensure_cache, load_bundle
+    from lada_core.trainer import run_continual
+
+    res = run_sweep(dirs, sweep_args(dirs, "dp", "--space", "lada_paper", "--tiny-model", "--local-gpus", "2", "--gpus-per-trial", "2",
+                                     "--set", "data.shots=8", "--set", "data.views=2", "--set", "optim.epochs=2", "--set", "optim.batch_size=4",
+                                     *BUDGET))
+    assert res.returncode == 0, res.stderr[-6000:]
+    s = summary(dirs, "dp")
+    assert s["completed"] == 1
+    rows = tune_trial_results(dirs.folder("dp"))
+    (trial_rows,) = rows.values()
+    assert {r["world_size"] for r in trial_rows} == {2}
+    # The same config in one process, here.
+    from lada_core.config import build_config
+
+    from sweeps.trainable import TrialSpec
+
+    st = settings(dirs, "dp")
+    from sweeps.run import Settings, base_config
+
+    spec = TrialSpec(base_config=base_config(Settings(**st)).to_dict(), overrides=tuple(st["set"]))
+    cfg = spec.config({})
+    assert cfg == build_config(overrides=st["set"], base=base_config(Settings(**st)))
+    bundle = load_bundle(ensure_cache(cfg, progress=False, log=lambda m: None).path)
+    ref = run_continual(cfg, bundle, dirs.root / "ref", log=lambda m: None)
+    last = trial_rows[-1]
+    for key in M.METRICS:
+        assert last[key] == pytest.approx(ref.summary[key], abs=0.05), key
+    assert not math.isnan(last["objective"])
