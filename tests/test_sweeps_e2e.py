@@ -232,7 +232,6 @@ def test_two_node_cluster_runs_trials_on_both_nodes(dirs: SweepDirs) -> None:
 # -- data-parallel trials ------------------------------------------------------------------------------
 def _dp_config(cache_root: Path):
     from lada_core.config import build_config
-
     from search_spaces import get_space
 
     base = dict(get_space("lada_smoke").base)
@@ -246,7 +245,6 @@ def test_data_parallel_gloo_matches_one_process(tmp_path: Path, shared_cache_roo
     import torch
 
     from lada_core.features import ensure_cache
-
     from sweeps.distributed import run_continual_parallel
 
     cfg = _dp_config(shared_cache_root)
@@ -277,7 +275,6 @@ def test_multi_gpu_trial_placement_with_logical_gpus(dirs: SweepDirs) -> None:
     assert {r["world_size"] for r in trial_rows} == {2}
     # The same config in one process, here.
     from lada_core.config import build_config
-
     from sweeps.trainable import TrialSpec
 
     st = settings(dirs, "dp")
