@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import os
 import socket
 import traceback
 from collections.abc import Callable
@@ -40,18 +41,39 @@ def choose_backend(world_size: int) -> str:
     return "gloo"
 
 
-def _init(rank: int, world_size: int, port: int, backend: str) -> None:
+def cpu_threads_per_rank(world_size: int) -> int:
+    """CPU threads for each rank: the trial's CPUs (Ray sets ``OMP_NUM_THREADS`` to them) shared out,
+    so that the ranks do not oversubscribe the cores while they wait on each other every step."""
+    try:
+        total = int(os.environ.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1)
+    except ValueError:
+        total = os.cpu_count() or 1
+    return max(1, total // world_size)
+
+
+def _init(rank: int, world_size: int, port: int, backend: str, threads: int | None = None) -> Any:
+    """Join the process group; returns the thread limiter to restore afterwards (or None)."""
     import torch
     import torch.distributed as dist
 
+    limiter = None
+    if threads:
+        torch.set_num_threads(threads)
+        try:
+            from threadpoolctl import threadpool_limits
+
+            limiter = threadpool_limits(threads)  # scikit-learn's k-means and mixtures
+        except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+            pass
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=TIMEOUT
     )
+    return limiter
 
 
-def _helper(rank: int, world_size: int, port: int, backend: str, cfg_dict: dict[str, Any], bundle_path: str | None, output_dir: str, errors: Any) -> None:
+def _helper(rank: int, world_size: int, port: int, backend: str, cfg_dict: dict[str, Any], bundle_path: str | None, output_dir: str, errors: Any, threads: int | None = None) -> None:
     """Ranks 1..n-1: the same training, no reports, no checkpoints."""
     try:
         import torch.distributed as dist
@@ -60,7 +82,7 @@ def _helper(rank: int, world_size: int, port: int, backend: str, cfg_dict: dict[
         from lada_core.features import load_bundle
         from lada_core.trainer import run_continual
 
-        _init(rank, world_size, port, backend)
+        _init(rank, world_size, port, backend, threads)
         try:
             cfg = from_dict(cfg_dict)
             bundle = load_bundle(bundle_path) if bundle_path else None
@@ -102,10 +124,11 @@ def run_continual_parallel(
     errors = ctx.Queue()
     cfg_dict = cfg.to_dict()
     Path(output_dir).mkdir(parents=True, exist_ok=True)
+    threads = cpu_threads_per_rank(world_size) if backend == "gloo" else None
     helpers = [
         ctx.Process(
             target=_helper,
-            args=(r, world_size, port, backend, cfg_dict, str(bundle_path) if bundle_path else None, str(output_dir), errors),
+            args=(r, world_size, port, backend, cfg_dict, str(bundle_path) if bundle_path else None, str(output_dir), errors, threads),
             daemon=True,
             name=f"lada-rank{r}",
         )
@@ -115,11 +138,17 @@ def run_continual_parallel(
         p.start()
     ok = False
     try:
-        _init(0, world_size, port, backend)
+        import torch
+
+        threads_before = torch.get_num_threads()
+        limiter = _init(0, world_size, port, backend, threads)
         try:
             result = run_continual(cfg, bundle, output_dir, on_task_end=on_task_end, log=log)
         finally:
             dist.destroy_process_group()
+            torch.set_num_threads(threads_before)
+            if limiter is not None:
+                limiter.restore_original_limits()
         for p in helpers:
             p.join(timeout=TIMEOUT.total_seconds())
         failed = [p for p in helpers if p.exitcode != 0]

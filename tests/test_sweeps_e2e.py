@@ -261,7 +261,7 @@ def test_data_parallel_gloo_matches_one_process(tmp_path: Path, shared_cache_roo
 def test_multi_gpu_trial_placement_with_logical_gpus(dirs: SweepDirs) -> None:
     """--gpus-per-trial 2 on a local Ray with two logical GPUs: the trial gets both, runs two
     data-parallel ranks (gloo here, NCCL on real GPUs) and ends with the one-process result."""
-    from lada_core.features import ensure_cache, load_bundle
+    from lada_core.features import load_bundle
     from lada_core.trainer import run_continual
 
     res = run_sweep(dirs, sweep_args(dirs, "dp", "--space", "lada_paper", "--tiny-model", "--local-gpus", "2", "--gpus-per-trial", "2",
@@ -283,7 +283,7 @@ def test_multi_gpu_trial_placement_with_logical_gpus(dirs: SweepDirs) -> None:
     spec = TrialSpec(base_config=base_config(Settings(**st)).to_dict(), overrides=tuple(st["set"]))
     cfg = spec.config({})
     assert cfg == build_config(overrides=st["set"], base=base_config(Settings(**st)))
-    bundle = load_bundle(ensure_cache(cfg, progress=False, log=lambda m: None).path)
+    bundle = load_bundle(st["cache_path"])  # the cache the sweep built
     ref = run_continual(cfg, bundle, dirs.root / "ref", log=lambda m: None)
     last = trial_rows[-1]
     for key in M.METRICS:
