@@ -72,8 +72,11 @@ class FeatureBundle:
 
 
 def load_bundle(path: str | Path) -> FeatureBundle:
-    """Open a finished cache. Arrays are memory-mapped read-only: every process of a node that opens
-    the same cache shares the same pages (the cache is held once per node)."""
+    """Open a finished cache. Arrays are memory-mapped read-only (``np.memmap``, nothing is copied):
+    every process of a node that opens the same cache shares the same pages (the cache is held once
+    per node). Checks :func:`~lada_core.features.cache.quick_check` first (manifest, array headers,
+    shapes, exact file sizes): a missing, truncated or incomplete cache raises :class:`CacheError`
+    naming the file. Content hashes are checked by ``ensure_cache`` on reuse and by ``lada-cache --check``."""
     root = Path(path)
     m = quick_check(root)
     tasks = []
@@ -104,8 +107,9 @@ def load_bundle(path: str | Path) -> FeatureBundle:
     return FeatureBundle(m["key"], root, tasks, m["template"], int(m["embed_dim"]), m["backbone"], m["pretrained"])
 
 
-def ensure_cache(cfg: Any, progress: bool = True, run_jobs: Any = None, backbone: Any = None, log: Any = None) -> CacheInfo:
-    """Build or find the cache that ``cfg`` (a :class:`lada_core.config.Config`) describes."""
+def ensure_cache(cfg: Any, progress: bool = True, run_jobs: Any = None, backbone: Any = None, log: Any = None, verify: bool = True, num_workers: int = 0) -> CacheInfo:
+    """Build or find the cache that ``cfg`` (a :class:`lada_core.config.Config`) describes. A found
+    cache is verified before reuse (array sha256 with ``verify``; see :func:`~lada_core.features.cache.build_cache`)."""
     from lada_core.benchmarks import get_benchmark
 
     bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed)
@@ -125,6 +129,8 @@ def ensure_cache(cfg: Any, progress: bool = True, run_jobs: Any = None, backbone
         progress=progress,
         backbone=backbone,
         log=log,
+        verify=verify,
+        num_workers=num_workers,
     )
 
 
