@@ -127,17 +127,7 @@ def cache_main(argv: Sequence[str] | None = None, run_jobs: Any = None, extra_ar
             return EXIT_OK
         cfg = _build_cfg(args)
         runner = make_runner(args) if make_runner else run_jobs
-        if runner is None and args.workers:
-            from functools import partial
-
-            from lada_core.features.cache import run_jobs_locally
-
-            def runner(jobs, ctx):  # noqa: ANN001 - local adapter
-                ctx.num_workers = args.workers
-                run_jobs_locally(jobs, ctx, progress=not args.quiet)
-
-            runner = partial(runner)
-        info = ensure_cache(cfg, progress=not args.quiet, run_jobs=runner)
+        info = ensure_cache(cfg, progress=not args.quiet, run_jobs=runner, num_workers=args.workers)
         if info.reused:
             print(f"lada-cache: reused existing cache (key {info.key})", file=sys.stderr)
         else:
