@@ -313,3 +313,34 @@ def test_tracker_is_picklable(tracker_env: tuple[Any, str, str, str]) -> None:
     tr.on_trial_start(0, [trial], trial)
     clone = pickle.loads(pickle.dumps(tr))
     assert clone.runs == tr.runs and clone._client is None
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def test_paper_numbers_beside_xtail_only() -> None:
+    from sweeps.report import paper_comparison
+
+    best = {M.TRANSFER: 60.0, M.AVERAGE: 71.25, M.LAST: 82.5}
+    text = paper_comparison("xtail", 16, best)
+    assert text is not None and "16-shot" in text
+    lada = next(line for line in text.splitlines() if line.startswith("LADA"))
+    assert lada.split()[1:] == ["61.50", "72.70", "83.10"]
+    mine = next(line for line in text.splitlines() if line.startswith("this sweep"))
+    assert mine.split()[-3:] == ["60.00", "71.25", "82.50"]
+    assert "full-shot" in paper_comparison("xtail", None, best)
+    assert paper_comparison("mini-tail", 16, best) is None
+
+
+def test_report_table_orders_by_value(tmp_path: Path) -> None:
+    from sweeps.report import format_table, top_trials
+
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    dist = {"optim.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    for i, (state, value) in enumerate([(TrialState.COMPLETE, 50.0), (TrialState.PRUNED, None), (TrialState.COMPLETE, 70.0), (TrialState.FAIL, None)]):
+        study.add_trial(optuna.trial.create_trial(state=state, value=value, params={"optim.lr": 1e-3 * (i + 1)}, distributions=dist,
+                                                   user_attrs={"ray_trial_id": f"t{i}"}, intermediate_values={0: 10.0 * i}))
+    results = {"t2": {M.TRANSFER: 1.0, M.AVERAGE: 70.0, M.LAST: 75.0, "tasks_done": 7}}
+    rows = top_trials(study, results, top=3)
+    assert [r["trial_id"] for r in rows][:2] == ["t2", "t0"] and len(rows) == 3
+    table = format_table(rows).splitlines()
+    assert table[0].split()[:4] == ["#", "trial", "state", "value"]
+    assert table[1].split()[1:4] == ["t2", "COMPLETE", "70.00"]
