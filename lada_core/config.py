@@ -154,6 +154,24 @@ SECTIONS: dict[str, type] = {
 }
 
 
+INT_LIMIT = 2**63  # integers must fit in 64 bits (what torch and numpy take; beyond is a typo)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a one-line message: never raises (huge ints), cut to ``limit`` characters."""
+    try:
+        text = repr(value)
+    except Exception:  # e.g. an int beyond sys.get_int_max_str_digits()
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _line(text: str, limit: int = 160) -> str:
+    """``text`` as one line of at most ``limit`` characters (for messages of other libraries)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -179,33 +197,41 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 return _coerce(name, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{name}: expected one of {', '.join(map(str, choices))}; got {value!r}")
+            raise ConfigError(f"{name}: expected one of {', '.join(map(str, choices))}; got {_show(value)}")
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        raise ConfigError(f"{name}: expected true or false, got {_show(value)}")
     if tp is int:
+        out_int: int | None = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+            out_int = value
+        elif isinstance(value, float) and value.is_integer():
+            out_int = int(value)
+        if out_int is None:
+            raise ConfigError(f"{name}: expected an integer, got {_show(value)}")
+        if not -INT_LIMIT < out_int < INT_LIMIT:
+            raise ConfigError(f"{name}: {_show(value)} is out of range (integers must fit in 64 bits)")
+        return out_int
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out = float(value)
+            try:
+                out = float(value)
+            except OverflowError:  # an int beyond the float range
+                out = float("inf")
             if out != out or out in (float("inf"), float("-inf")):
-                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+                raise ConfigError(f"{name}: expected a finite number, got {_show(value)}")
             return out
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
+        raise ConfigError(f"{name}: expected a number, got {_show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{name}: expected a string, got {value!r}")
+        raise ConfigError(f"{name}: expected a string, got {_show(value)}")
     raise ConfigError(f"{name}: unsupported type {tp!r}")  # pragma: no cover - programming error
 
 
@@ -229,18 +255,20 @@ def from_dict(data: Mapping[str, Any] | None, base: Config | None = None) -> Con
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if not isinstance(key, str):
-            raise ConfigError(f"config keys must be strings, got {key!r}")
+            raise ConfigError(f"config keys must be strings, got {_show(key)}")
         if "." in key:
             flat[key] = value
         elif key in SECTIONS:
             if value is None:
                 continue
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+                raise ConfigError(f"{key}: expected a mapping of settings, got {_show(value)}")
             for sub, v in value.items():
+                if not isinstance(sub, str):
+                    raise ConfigError(f"{key}: setting names must be strings, got {_show(sub)}")
                 flat[f"{key}.{sub}"] = v
         else:
-            raise ConfigError(f"unknown config section {key!r} (valid: {', '.join(SECTIONS)})")
+            raise ConfigError(f"unknown config section {_show(key)} (valid: {', '.join(SECTIONS)})")
     return _apply_flat(base, flat)
 
 
@@ -249,10 +277,10 @@ def _apply_flat(base: Config, flat: Mapping[str, Any]) -> Config:
     for key, value in flat.items():
         section, _, name = str(key).partition(".")
         if section not in SECTIONS:
-            raise ConfigError(f"unknown config key {key!r} (sections: {', '.join(SECTIONS)})")
+            raise ConfigError(f"unknown config key {_show(key)} (sections: {', '.join(SECTIONS)})")
         types_ = _field_types(SECTIONS[section])
         if name not in types_:
-            raise ConfigError(f"unknown config key {key!r} (valid in {section}: {', '.join(types_)})")
+            raise ConfigError(f"unknown config key {_show(key)} (valid in {section}: {', '.join(types_)})")
         updates.setdefault(section, {})[name] = _coerce(key, value, types_[name])
     sections = {s: dataclasses.replace(getattr(base, s), **u) for s, u in updates.items()}
     return dataclasses.replace(base, **sections).validate()
@@ -263,17 +291,20 @@ def parse_set(item: str) -> tuple[str, Any]:
     import yaml
 
     if "=" not in item:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
+        raise ConfigError(f"--set expects key=value, got {_show(item)}")
     key, _, raw = item.partition("=")
     key = key.strip()
     if not key:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
+        raise ConfigError(f"--set expects key=value, got {_show(item)}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+        # not YAML (or a tag like "!!float abc", an int of thousands of digits, deep nesting): the
+        # text itself, which the field's type check then accepts or rejects in one line
         value = raw
-    if isinstance(value, (dict, list)):
-        raise ConfigError(f"--set {key}: expected a single value, got {raw!r}")
+    if isinstance(value, (dict, list, set, tuple)):
+        shown = key if key.isprintable() and len(key) <= 80 else _show(key)
+        raise ConfigError(f"--set {shown}: expected a single value, got {_show(raw)}")
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         try:
             value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
@@ -314,10 +345,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "malformed YAML"
-        raise ConfigError(f"{p}: malformed YAML ({first})") from None
+        raise ConfigError(f"{p}: malformed YAML ({_line(first)})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: malformed YAML (nested too deeply)") from None
+    except (ValueError, OverflowError) as exc:  # a constructor refused a value: "!!float abc", a 5000-digit int
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{p}: malformed YAML ({_line(first)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lada_core.model import inference_logits, lada_logits
+from lada_core.model import UnitIndex, inference_logits, lada_logits
 
 
 @dataclass
@@ -32,12 +32,13 @@ class EvalState:
     selector: bool = False
 
 
-def predict(features: torch.Tensor, st: EvalState) -> torch.Tensor:
-    """Global class predictions ``[B]`` for unnormalised image features ``[B, D]``."""
+def predict(features: torch.Tensor, st: EvalState, index: UnitIndex | None = None) -> torch.Tensor:
+    """Global class predictions ``[B]`` for unnormalised image features ``[B, D]``. ``index``: the
+    :class:`~lada_core.model.UnitIndex` of ``st.class_map`` (built once by the caller; optional)."""
     x = F.normalize(features.float(), dim=-1)
     n_seen = st.text_seen.shape[0]
     text_all = torch.cat([st.text_seen, st.text_zeroshot[n_seen:]], dim=0)
-    h = lada_logits(x, st.units, st.class_map, st.beta) if st.units is not None and st.units.numel() else None
+    h = lada_logits(x, st.units, st.class_map, st.beta, index) if st.units is not None and st.units.numel() else None
     route = None
     if st.selector:
         route = (x @ st.text_zeroshot.t()).argmax(dim=1) < n_seen
@@ -47,9 +48,10 @@ def predict(features: torch.Tensor, st: EvalState) -> torch.Tensor:
 def accuracy(features: np.ndarray, labels: np.ndarray, offset: int, st: EvalState, batch_size: int = 1024, device: torch.device | None = None) -> float:
     """Share (in percent) of images whose argmax over all class names is the true global label."""
     device = device or st.text_seen.device
+    index = UnitIndex(st.class_map) if st.units is not None and st.units.numel() and st.class_map is not None else None
     correct = 0
     for start in range(0, len(labels), batch_size):
         f = torch.from_numpy(np.asarray(features[start : start + batch_size], dtype=np.float32)).to(device)
-        pred = predict(f, st).cpu().numpy()
+        pred = predict(f, st, index).cpu().numpy()
         correct += int((pred == offset + np.asarray(labels[start : start + batch_size])).sum())
     return 100.0 * correct / max(1, len(labels))

@@ -57,16 +57,22 @@ class AdaptedTextEncoder(nn.Module):
         self.residual = residual
 
     def forward(self, tokens: torch.Tensor, use_adapters: bool = True) -> torch.Tensor:
-        """Tokens ``[C, L]`` -> L2-normalised text features ``[C, D]`` (EOT token, text projection)."""
+        """Tokens ``[C, L]`` -> L2-normalised text features ``[C, D]`` (EOT token, text projection).
+
+        ``L`` may be shorter than the context length (see :meth:`trim`): positions ``0..L-1`` get the
+        same positional embeddings and causal mask as in the full context."""
         from open_clip.transformer import text_global_pool
 
         tm = self.clip_text
         cast = tm.transformer.get_cast_dtype()
-        x = tm.token_embedding(tokens).to(cast) + tm.positional_embedding.to(cast)  # [C, L, W]
+        length = tokens.shape[1]
+        x = tm.token_embedding(tokens).to(cast) + tm.positional_embedding[:length].to(cast)  # [C, L, W]
         tr = tm.transformer
         if not getattr(tr, "batch_first", True):
             x = x.transpose(0, 1)
         mask = tm.attn_mask
+        if mask is not None and mask.shape[0] != length:
+            mask = mask[:length, :length]
         for block, adapter in zip(tr.resblocks, self.adapters):
             x = x + block.ls_1(block.attention(q_x=block.ln_1(x), attn_mask=mask))
             out = x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -83,6 +89,37 @@ class AdaptedTextEncoder(nn.Module):
         if proj is not None:
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return F.normalize(x.float(), dim=-1)
+
+    def trim(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens [C, L]`` without the padding after the last end-of-text token of the batch.
+
+        With a causal mask, position ``i`` attends to positions ``<= i`` only, so the EOT output of
+        each prompt does not depend on the padding after it: the features are the same (up to float
+        rounding: the matrix products have other shapes) for a fraction of the compute (X-TAIL prompts
+        are 8-20 tokens of CLIP's 77). Towers without a causal mask or EOT pooling are left as they are.
+        """
+        tm = self.clip_text
+        pool = getattr(tm, "text_pool_type", "argmax")
+        mask = tm.attn_mask
+        if tokens.ndim != 2 or tokens.shape[1] < 2 or pool not in ("argmax", "eos") or mask is None or not _is_causal(mask):
+            return tokens
+        if pool == "argmax":
+            last = tokens.argmax(dim=-1)
+        else:
+            eos = getattr(tm, "text_eos_id", None)
+            if eos is None:
+                return tokens
+            last = (tokens == eos).int().argmax(dim=-1)
+        return tokens[:, : int(last.max()) + 1]
+
+
+def _is_causal(mask: torch.Tensor) -> bool:
+    """True for an additive ``[L, L]`` mask that blocks exactly the positions above the diagonal."""
+    if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    blocked = torch.isinf(mask) & (mask < 0)
+    upper = torch.ones_like(blocked).triu(1)
+    return bool((blocked == upper).all()) and bool((mask[~blocked] == 0).all())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,12 +143,75 @@ def grow_class_map(c_old: torch.Tensor | None, units_per_class: list[int] | np.n
     return torch.cat([top, bottom], dim=0)
 
 
-def lada_logits(x: torch.Tensor, units: torch.Tensor, class_map: torch.Tensor, beta: float) -> torch.Tensor:
+class UnitIndex:
+    """Which memory units belong to which class, for :func:`lada_logits`, built once from a 0/1 map C.
+
+    Multiplying by C sums each class's units; a sum over each class's units is the same and costs
+    O(B U) instead of O(B U n) (the dense map grows with the square of the classes seen: 17600 units
+    x 1100 classes at the end of X-TAIL). ``equal``: units sorted by class, ``k`` per class (the
+    usual case: a view then a sum); otherwise a padded gather ``[n, kmax]``. A map that is not 0/1
+    with one class per unit keeps the matrix product (``dense``).
+    """
+
+    def __init__(self, class_map: torch.Tensor) -> None:
+        u, n = class_map.shape
+        self.num_units, self.num_classes = int(u), int(n)
+        self.k: int | None = None
+        self.gather: torch.Tensor | None = None
+        self.dense = False
+        if u == 0 or n == 0:
+            return
+        binary = bool(((class_map == 0) | (class_map == 1)).all()) and bool((class_map.sum(dim=1) == 1).all())
+        if not binary:
+            self.dense = True
+            return
+        owner = class_map.argmax(dim=1)  # [U]
+        counts = torch.bincount(owner, minlength=n)  # [n]
+        if bool((owner[1:] >= owner[:-1]).all()) and bool((counts == counts[0]).all()):
+            self.k = int(counts[0])
+            return
+        order = torch.argsort(owner, stable=True)  # units grouped by class, in unit order
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(u, device=owner.device) - starts[owner[order]]
+        gather = torch.full((n, int(counts.max())), u, dtype=torch.long, device=owner.device)  # u: a zero column
+        gather[owner[order], rank] = order
+        self.gather = gather
+
+    @classmethod
+    def from_counts(cls, units_per_class: list[int] | np.ndarray) -> UnitIndex:
+        """The index of :func:`block_diagonal_map` ``(units_per_class)``, without building the map."""
+        return cls(block_diagonal_map(units_per_class))
+
+    def to(self, device: torch.device | str) -> UnitIndex:
+        if self.gather is not None:
+            self.gather = self.gather.to(device)
+        return self
+
+    def class_sum(self, e: torch.Tensor, class_map: torch.Tensor) -> torch.Tensor:
+        """``e @ class_map``: ``e [B, U]`` -> ``[B, n]``."""
+        b = e.shape[0]
+        if self.num_units == 0 or self.num_classes == 0:
+            return e.new_zeros(b, self.num_classes)
+        if self.dense:
+            return e @ class_map.to(e.dtype)
+        if self.k is not None:
+            return e.reshape(b, self.num_classes, self.k).sum(dim=-1)
+        assert self.gather is not None
+        padded = torch.cat([e, e.new_zeros(b, 1)], dim=1)  # [B, U + 1]
+        return padded[:, self.gather.reshape(-1)].reshape(b, self.num_classes, -1).sum(dim=-1)
+
+
+def lada_logits(x: torch.Tensor, units: torch.Tensor, class_map: torch.Tensor, beta: float, index: UnitIndex | None = None) -> torch.Tensor:
     """``h_j(x) = sum_{w in units of j} exp(-beta * (1 - <w, x>))`` = ``exp(-beta + beta x W^T) C``.
 
-    x ``[B, D]`` (L2-normalised), units ``[U, D]``, class_map ``[U, n]`` -> ``[B, n]``.
+    x ``[B, D]`` (L2-normalised), units ``[U, D]``, class_map ``[U, n]`` -> ``[B, n]``. The product
+    with C is computed as a sum over each class's units (:class:`UnitIndex`; pass ``index`` to build
+    it once, e.g. once per task in the training loop).
     """
-    return torch.exp(-beta + beta * (x @ units.t())) @ class_map.to(x.dtype)
+    if index is None:
+        index = UnitIndex(class_map)
+    e = (x @ units.t()).mul_(beta).add_(-beta).exp_()  # [B, U] = exp(-beta + beta x W^T), one buffer
+    return index.class_sum(e, class_map)
 
 
 def kmeans_units(features: np.ndarray, labels: np.ndarray, n_classes: int, lambda1: int, n_init: int, seed: int) -> tuple[np.ndarray, list[int]]:

@@ -25,9 +25,10 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,13 +42,12 @@ from lada_core.features.bundle import FeatureBundle
 from lada_core.model import (
     AdaptedTextEncoder,
     GaussianBank,
+    UnitIndex,
     fit_gaussians,
     grow_class_map,
     kmeans_units,
     lada_logits,
-    sample_replay,
     training_logits,
-    weighted_cross_entropy,
 )
 
 STATE_FILE = "state.pt"
@@ -112,8 +112,93 @@ def trainable_count(text_encoder: AdaptedTextEncoder, n_units: int, dim: int) ->
 
 
 def _text_features(enc: AdaptedTextEncoder, tokens: torch.Tensor, use_adapters: bool, chunk: int = 256) -> torch.Tensor:
-    outs = [enc(tokens[i : i + chunk], use_adapters=use_adapters) for i in range(0, len(tokens), chunk)]
+    outs = [enc(enc.trim(tokens[i : i + chunk]), use_adapters=use_adapters) for i in range(0, len(tokens), chunk)]
     return torch.cat(outs) if outs else torch.zeros(0)
+
+
+CUDA_GRAPHS = True
+"""Run the text encoder's forward and backward as CUDA graphs on GPU (see :class:`_TextStep`)."""
+
+
+class _TextStep(torch.nn.Module):
+    """``enc(tokens)`` under the trainer's autocast: the text-encoder part of a training step.
+
+    On GPU, a step over a few hundred short prompts is bound by the CPU launching ~1000 small kernels
+    (12 blocks, forward and backward), not by the GPU. The prompts of a task never change, so the
+    forward and backward are captured once per task as CUDA graphs (``make_graphed_callables``) and
+    replayed each step: the same kernels on the same shapes, launched at once. Autocast's weight
+    cache is off (required for capture; each adapter weight is cast once per forward either way)."""
+
+    def __init__(self, enc: AdaptedTextEncoder, amp: bool, device_type: str) -> None:
+        super().__init__()
+        self.enc = enc
+        self.amp = amp
+        self.device_type = device_type
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+            return self.enc(tokens)  # [n_cls, D]
+
+
+def _text_step(enc: AdaptedTextEncoder, tokens: torch.Tensor, amp: bool, device: torch.device, log: Callable[[str], None]) -> torch.nn.Module:
+    step = _TextStep(enc, amp, device.type)
+    if device.type != "cuda" or not CUDA_GRAPHS:
+        return step
+    try:
+        with warnings.catch_warnings():
+            # capture runs on side streams; torch warns that the adapters' gradient-accumulation
+            # nodes were made on another stream, which costs nothing here (checked: same results)
+            warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
+            return torch.cuda.make_graphed_callables(step, (tokens,))
+    except Exception as exc:  # an op that cannot be captured: run eagerly
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        log(f"CUDA graph capture of the text encoder failed ({first}); running it eagerly")
+        return _TextStep(enc, amp, device.type)
+
+
+class _LossWatch:
+    """Divergence check and running loss of an epoch without a host-device sync per step.
+
+    On CPU each loss is checked at once. On CUDA, the loss is copied to pinned host memory without
+    blocking and checked at the next step (or at the end of the epoch), by which time the GPU has
+    long computed it: the CPU keeps queueing work instead of waiting for every forward pass. A
+    non-finite loss still raises :class:`DivergenceError` naming the step it occurred at, before
+    the step after it changes anything."""
+
+    def __init__(self, device: torch.device, describe: Callable[[float, int, int], str]) -> None:
+        self.lazy = device.type == "cuda"
+        self.describe = describe
+        self.total = 0.0
+        self.rows = 0
+        self.pending: tuple[Any, int, int, int] | None = None
+        if self.lazy:
+            self.host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            self.event = torch.cuda.Event()
+
+    def push(self, loss: torch.Tensor, rows: int, epoch: int, step: int) -> None:
+        self.flush()
+        if self.lazy:
+            self.host.copy_(loss, non_blocking=True)
+            self.event.record()
+            self.pending = (None, rows, epoch, step)
+        else:
+            self.pending = (loss, rows, epoch, step)
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        loss, rows, epoch, step = self.pending
+        self.pending = None
+        if loss is None:
+            self.event.synchronize()
+            value = float(self.host)
+        else:
+            value = float(loss)
+        if not math.isfinite(value):
+            raise DivergenceError(self.describe(value, epoch, step))
+        self.total += value * rows
+        self.rows += rows
 
 
 def _save_checkpoint(out: Path, k: int, task_name: str, st: _State, cfg: Config, seconds: float, data_key: str) -> Path:
@@ -257,47 +342,78 @@ def run_continual(
         gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 100_003 + k)
         labels_t = torch.from_numpy(labels_np).to(device) + n_old
         replay_on = lc.use_replay and len(st.bank) > 0
+        # Constant for the whole task, so computed here and not every step:
+        # - the prompts without the padding after their last EOT token (AdaptedTextEncoder.trim);
+        # - replay = sample_replay(bank, gamma): p = mu + sigma * eps with fresh eps each step, label
+        #   and weight gamma * pi per component; real images weigh 1;
+        # - which units belong to which class (UnitIndex), for the old and for the current units.
+        # The old classes' logits need no gradient (their text features and units are frozen), so they
+        # are computed apart from the current ones and no torch.cat of the old units is made per step.
+        tokens = enc.trim(tokens)
+        if replay_on:
+            rep_sigma = st.bank.variances.clamp_min(0).sqrt().unsqueeze(1)  # [M, 1]
+            y_rep = st.bank.labels
+            w_full = torch.cat([lc.distill_weight * st.bank.weights, torch.ones(bs, device=device)])  # [M + bs]
+        else:
+            w_full = torch.ones(bs, device=device)
+        use_units = lc.use_units
+        if use_units:
+            cur_units_at = st.units.shape[0]
+            cur_map = class_map[cur_units_at:, n_old:]  # [U_k, n_cls]
+            cur_index = UnitIndex(cur_map)
+            old_map = class_map[:cur_units_at, :n_old]  # [U_old, n_old]
+            old_index = UnitIndex(old_map)
+        denoms: dict[int, float] = {}  # rows of the global batch -> loss denominator
+
+        def _describe(value: float, epoch: int, step: int, k: int = k) -> str:
+            return (
+                f"loss is {value} at task {k + 1}/{n_tasks} ({names[k]}), epoch {epoch + 1}, step {step + 1}"
+                f" (lr {cfg.optim.lr:g}): training diverged"
+            )
+
         enc.train()
+        text_step = _text_step(enc, tokens, amp, device, log)
         for epoch in range(epochs):
             t_ep = time.time()
             feats_epoch = src.epoch_features(k, epoch, rng)  # [N, D] one view per image
             perm = rng.permutation(n)
-            total, seen_rows = 0.0, 0
+            feats_t = torch.from_numpy(np.asarray(feats_epoch, dtype=np.float32)).to(device)  # [N, D], once per epoch
+            perm_t = torch.from_numpy(perm).to(device)
+            watch = _LossWatch(device, _describe)
             for step in range(steps):
-                idx = perm[step * bs : (step + 1) * bs]
-                x_real = torch.from_numpy(np.asarray(feats_epoch[idx], dtype=np.float32)).to(device)
-                y_real = labels_t[torch.from_numpy(idx).to(device)]
-                w_real = torch.ones(len(idx), device=device)
+                idx = perm_t[step * bs : (step + 1) * bs]
+                x_real = feats_t[idx]
+                y_real = labels_t[idx]
                 if replay_on:
-                    x_rep, y_rep, w_rep = sample_replay(st.bank, lc.distill_weight, generator=gen)
-                    x = torch.cat([x_rep, x_real])
+                    eps = torch.randn(st.bank.means.shape, generator=gen, device=device)
+                    x = torch.cat([st.bank.means + rep_sigma * eps, x_real])
                     y = torch.cat([y_rep, y_real])
-                    w = torch.cat([w_rep, w_real])
                 else:
-                    x, y, w = x_real, y_real, w_real
-                x = F.normalize(x, dim=-1)
+                    x, y = x_real, y_real
                 b_global = x.shape[0]
-                denom = float(b_global) if lc.loss_reduction == "mean" else float(w.sum())
+                w = w_full[:b_global]
+                x = F.normalize(x, dim=-1)
+                if b_global not in denoms:
+                    denoms[b_global] = float(b_global) if lc.loss_reduction == "mean" else float(w.sum())
+                denom = denoms[b_global]
                 if world > 1:
                     x, y, w = x[rank::world], y[rank::world], w[rank::world]
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                    text_cur = enc(tokens)  # [n_cls, D]
-                text = torch.cat([st.text_seen, text_cur.float()])  # old (detached cache) then current
-                h = None
-                if lc.use_units:
-                    h = lada_logits(x, torch.cat([st.units, units_cur]), class_map, lc.beta)
-                z = training_logits(x, text, lc.tau, lc.alpha, h)
+                text_cur = text_step(tokens)  # [n_cls, D]
+                # z = tau * cos(x, [old text (frozen cache); current text]) + alpha * h(x), old classes first
+                h_cur = lada_logits(x, units_cur, cur_map, lc.beta, cur_index) if use_units else None
+                z = training_logits(x, text_cur.float(), lc.tau, lc.alpha, h_cur)  # [b, n_cls]
+                if n_old:
+                    with torch.no_grad():
+                        h_old = lada_logits(x, st.units, old_map, lc.beta, old_index) if use_units else None
+                        z_old = training_logits(x, st.text_seen, lc.tau, lc.alpha, h_old)  # [b, n_old]
+                    z = torch.cat([z_old, z], dim=1)
                 loss = (w * F.cross_entropy(z, y, reduction="none")).sum() / denom
                 if world > 1:
                     loss_val = loss.detach().clone()
                     torch.distributed.all_reduce(loss_val)
                 else:
                     loss_val = loss.detach()
-                if not torch.isfinite(loss_val):
-                    raise DivergenceError(
-                        f"loss is {loss_val.item()} at task {k + 1}/{n_tasks} ({names[k]}), epoch {epoch + 1}, step {step + 1}"
-                        f" (lr {cfg.optim.lr:g}): training diverged"
-                    )
+                watch.push(loss_val, b_global, epoch, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if world > 1:
@@ -307,11 +423,10 @@ def run_continual(
                                 torch.distributed.all_reduce(p.grad)
                 optimizer.step()
                 sched.step()
-                total += float(loss_val) * b_global
-                seen_rows += b_global
+            watch.flush()
             if rank == 0:
                 log(
-                    f"[task {k + 1}/{n_tasks} {names[k]}] epoch {epoch + 1}/{epochs} loss {total / max(1, seen_rows):.4f} "
+                    f"[task {k + 1}/{n_tasks} {names[k]}] epoch {epoch + 1}/{epochs} loss {watch.total / max(1, watch.rows):.4f} "
                     f"lr {sched.get_last_lr()[0]:.2e} {time.time() - t_ep:.1f}s"
                 )
 
@@ -319,7 +434,7 @@ def run_continual(
         enc.eval()
         with torch.no_grad():
             text_cur = _text_features(enc, tokens, use_adapters=True)
-        del enc, optimizer, sched
+        del enc, text_step, optimizer, sched
         bank = st.bank
         if lc.use_replay:
             new = fit_gaussians(clean.astype(np.float32), labels_np, n_cls, lc.gaussian_components, n_old, cfg.train.seed)
