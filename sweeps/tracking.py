@@ -120,6 +120,21 @@ def heatmap_figure(rows: Sequence[Sequence[float]], names: Sequence[str]) -> Any
     return fig
 
 
+def _timed(fn: Any) -> Any:
+    """Add the hook's wall time to ``self.seconds`` (the callback runs in Tune's driver loop)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    return wrapper
+
+
 class MlflowTracker(Callback):
     """Driver-side MLflow logging of a Tune sweep; see the module docstring."""
 
@@ -157,7 +172,8 @@ class MlflowTracker(Callback):
         self._synced: set[str] = set()
         self._children: dict[str, str] | None = None
         self._orphans_checked = False
-        self.calls = 0  # MLflow requests made (for the overhead benchmark)
+        self.calls = 0  # MLflow requests made (for the overhead figures)
+        self.seconds = 0.0  # driver time spent in this callback (MLflow calls, artifacts, plots)
 
     # -- state ---------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -167,6 +183,8 @@ class MlflowTracker(Callback):
         state["_synced"] = set()
         state["_children"] = None
         state["_orphans_checked"] = False
+        state["seconds"] = 0.0
+        state["calls"] = 0
         return state
 
     def get_state(self) -> dict[str, Any]:
@@ -256,6 +274,7 @@ class MlflowTracker(Callback):
         return run_id
 
     # -- Tune hooks ----------------------------------------------------------------------------
+    @_timed
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if self._orphans_checked:
             return
@@ -268,6 +287,7 @@ class MlflowTracker(Callback):
         except Exception as exc:
             logger.warning("MLflow: could not check for orphaned runs: %s", exc)
 
+    @_timed
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.finished.discard(trial.trial_id)
         self.run_id_for(trial)
@@ -296,6 +316,7 @@ class MlflowTracker(Callback):
                     self._queue(trial.trial_id, run_id, res)
             return
 
+    @_timed
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         tid = trial.trial_id
         run_id = self.runs.get(tid) or self.run_id_for(trial)
@@ -321,10 +342,12 @@ class MlflowTracker(Callback):
         self._pending.append((run_id, Metric(M.TASK_INDEX, float(step), ts, step)))
         self.last_step[tid] = step
 
+    @_timed
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if self._pending and time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
+    @_timed
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}
         if result.get(DIVERGED):
@@ -334,6 +357,7 @@ class MlflowTracker(Callback):
         pruned = done is not None and total is not None and int(done) < int(total)
         self.finish(trial, "FINISHED", "pruned" if pruned else "completed")
 
+    @_timed
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         message = ""
         try:
@@ -343,6 +367,7 @@ class MlflowTracker(Callback):
             pass
         self.finish(trial, "FAILED", "failed", message or "the trial raised an error")
 
+    @_timed
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.flush()
 
