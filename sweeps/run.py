@@ -361,10 +361,11 @@ def _encode_runner(kind: str) -> Any:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
         @ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)
-        def encode(job: Any) -> None:
-            run_jobs_locally([job], ctx, progress=False)
+        def encode(job: Any, context: Any) -> None:
+            run_jobs_locally([job], context, progress=False)
 
-        ray.get([encode.remote(j) for j in jobs])
+        ctx_ref = ray.put(ctx)  # the benchmark (image sources) once in the object store
+        ray.get([encode.remote(j, ctx_ref) for j in jobs])
 
     return run_jobs
 
@@ -529,6 +530,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
             tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
             _apply_runtime_overrides(tuner, args)
         else:
+            if args.resume:  # stopped before Tune saved any state: start over, closing what it left
+                searcher.fail_orphans()
             tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
         grid = tuner.fit()
         t_end = time.time()

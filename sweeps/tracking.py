@@ -24,6 +24,7 @@ import math
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -149,6 +150,7 @@ class MlflowTracker(Callback):
         flush_size: int = MAX_BATCH,
         log_checkpoint: bool = True,
         extra_tags: Mapping[str, str] | None = None,
+        background: bool = True,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -159,6 +161,7 @@ class MlflowTracker(Callback):
         self.flush_size = flush_size
         self.log_checkpoint = log_checkpoint
         self.extra_tags = dict(extra_tags or {})
+        self.background = background
         # Persistent state (get_state / set_state).
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.last_step: dict[str, int] = {}  # trial id -> last task index logged
@@ -172,6 +175,9 @@ class MlflowTracker(Callback):
         self._synced: set[str] = set()
         self._children: dict[str, str] | None = None
         self._orphans_checked = False
+        self._executor: Any = None
+        self._futures: list[Any] = []
+        self._lock = threading.Lock()
         self.calls = 0  # MLflow requests made (for the overhead figures)
         self.seconds = 0.0  # driver time spent in this callback (MLflow calls, artifacts, plots)
 
@@ -185,7 +191,14 @@ class MlflowTracker(Callback):
         state["_orphans_checked"] = False
         state["seconds"] = 0.0
         state["calls"] = 0
+        state["_executor"] = None
+        state["_futures"] = []
+        state.pop("_lock", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def get_state(self) -> dict[str, Any]:
         return {
@@ -337,9 +350,10 @@ class MlflowTracker(Callback):
         from mlflow.entities import Metric
 
         ts = int(1000 * float(result.get("timestamp", time.time())))
-        for key, value in step_metrics(result).items():
-            self._pending.append((run_id, Metric(key, value, ts, step)))
-        self._pending.append((run_id, Metric(M.TASK_INDEX, float(step), ts, step)))
+        items = [(run_id, Metric(key, value, ts, step)) for key, value in step_metrics(result).items()]
+        items.append((run_id, Metric(M.TASK_INDEX, float(step), ts, step)))
+        with self._lock:
+            self._pending.extend(items)
         self.last_step[tid] = step
 
     @_timed
@@ -370,28 +384,61 @@ class MlflowTracker(Callback):
     @_timed
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.flush()
+        self.drain()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     # -- writing ---------------------------------------------------------------------------------
+    # -- writing (on one background thread: MLflow I/O stays off Tune's driver loop) -------------
+    def _submit(self, fn: Any, *args: Any) -> None:
+        if not self.background:
+            fn(*args)
+            return
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lada-mlflow")
+        self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(self._executor.submit(fn, *args))
+
+    def drain(self) -> None:
+        """Wait for the background MLflow work (at the end of the experiment)."""
+        for f in list(self._futures):
+            try:
+                f.result()
+            except Exception as exc:  # pragma: no cover - the jobs log their own errors
+                logger.warning("MLflow: background work failed: %s", exc)
+        self._futures = []
+
     def flush(self) -> bool:
-        """Send the queued metrics (grouped per run, 1000 per call). False if MLflow failed."""
+        """Send the queued metrics (grouped per run, 1000 per call). False if MLflow failed (the
+        metrics stay queued for a retry); with ``background`` the sending is queued and True returned."""
         self._last_flush = time.monotonic()
-        if not self._pending:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
             return True
+        if self.background:
+            self._submit(self._send, batch)
+            return True
+        return self._send(batch)
+
+    def _send(self, batch: list[tuple[str, Any]]) -> bool:
         by_run: dict[str, list[Any]] = {}
-        for run_id, metric in self._pending:
+        for run_id, metric in batch:
             by_run.setdefault(run_id, []).append(metric)
-        sent: set[str] = set()
         ok = True
         for run_id, items in by_run.items():
             try:
                 for i in range(0, len(items), MAX_BATCH):
                     self.client.log_batch(run_id, metrics=items[i : i + MAX_BATCH])
                     self.calls += 1
-                sent.add(run_id)
             except Exception as exc:
                 ok = False
                 logger.warning("MLflow: could not log %d metrics of run %s (kept for a retry): %s", len(items), run_id, exc)
-        self._pending = [(r, m) for r, m in self._pending if r not in sent]
+                with self._lock:
+                    self._pending[:0] = [(run_id, m) for m in items]
         return ok
 
     def finish(self, trial: Trial, status: str, outcome: str, message: str = "") -> None:
@@ -401,26 +448,31 @@ class MlflowTracker(Callback):
         self.flush()
         if run_id is None:
             return
-        try:
-            self._log_artifacts(trial, run_id)
-            tags = {OUTCOME_TAG: outcome}
-            result = trial.last_result or {}
-            if TASKS_DONE in result:
-                tags["lada.tasks_done"] = str(result[TASKS_DONE])
-            if message:
-                tags["lada.error"] = message[:4000]
-            from mlflow.entities import RunTag
+        # Everything read from the trial is taken now; the I/O runs on the MLflow thread.
+        rows = dict(self.rows.get(tid) or {})
+        names = list(self.columns.get(tid) or [])
+        config_yaml = None
+        if self.spec is not None:
+            try:
+                from lada_core.config import config_to_yaml
 
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            self.client.set_terminated(run_id, status=status)
-            self.calls += 2
-            self.finished.add(tid)
-        except Exception as exc:
-            logger.warning("MLflow: could not finish the run of trial %s: %s", tid, exc)
+                config_yaml = config_to_yaml(self.spec.config(trial.config))
+            except Exception as exc:  # an invalid sample: the trial failed for that reason
+                logger.debug("no config.yaml for %s: %s", tid, exc)
+        checkpoint = trial.checkpoint if self.log_checkpoint else None
+        tags = {OUTCOME_TAG: outcome}
+        result = trial.last_result or {}
+        if TASKS_DONE in result:
+            tags["lada.tasks_done"] = str(result[TASKS_DONE])
+        if message:
+            tags["lada.error"] = message[:4000]
+        self.finished.add(tid)
+        self._submit(self._finish_io, tid, run_id, status, tags, rows, names, config_yaml, checkpoint)
 
-    def _log_artifacts(self, trial: Trial, run_id: str) -> None:
-        rows = self.rows.get(trial.trial_id) or {}
-        names = self.columns.get(trial.trial_id) or []
+    def _finish_io(self, tid: str, run_id: str, status: str, tags: dict[str, str], rows: dict[int, list[float]],
+                   names: list[str], config_yaml: str | None, checkpoint: Any) -> None:
+        from mlflow.entities import RunTag
+
         tmp = Path(tempfile.mkdtemp(prefix="lada-mlflow-"))
         try:
             if rows and names:
@@ -430,21 +482,21 @@ class MlflowTracker(Callback):
                     lines.append(f"{names[k] if k < len(names) else k}," + ",".join(f"{v:.4f}" for v in rows[k]))
                 (tmp / MATRIX_CSV).write_text("\n".join(lines) + "\n")
                 heatmap_figure(ordered, names).savefig(tmp / MATRIX_PNG, dpi=100)
-            if self.spec is not None:
-                try:
-                    from lada_core.config import config_to_yaml
-
-                    (tmp / "config.yaml").write_text(config_to_yaml(self.spec.config(trial.config)))
-                except Exception as exc:  # an invalid sample: the trial failed for that reason
-                    logger.debug("no config.yaml for %s: %s", trial.trial_id, exc)
+            if config_yaml is not None:
+                (tmp / "config.yaml").write_text(config_yaml)
             if any(tmp.iterdir()):
                 self.client.log_artifacts(run_id, str(tmp))
                 self.calls += 1
-            if self.log_checkpoint and trial.checkpoint is not None:
+            if checkpoint is not None:
                 ckpt_dir = tmp / "checkpoint"
-                trial.checkpoint.to_directory(str(ckpt_dir))
+                checkpoint.to_directory(str(ckpt_dir))
                 self.client.log_artifacts(run_id, str(ckpt_dir), artifact_path="checkpoint")
                 self.calls += 1
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.client.set_terminated(run_id, status=status)
+            self.calls += 2
+        except Exception as exc:
+            logger.warning("MLflow: could not finish the run of trial %s: %s", tid, exc)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -212,7 +212,7 @@ def tracker_env(tmp_path: Path) -> tuple[Any, str, str, str]:
 def _tracker(uri: str, exp: str, parent: str) -> Any:
     from sweeps.tracking import MlflowTracker
 
-    return MlflowTracker(uri, exp, parent, sweep_name="sw", flush_interval_s=3600, log_checkpoint=False)
+    return MlflowTracker(uri, exp, parent, sweep_name="sw", flush_interval_s=3600, log_checkpoint=False, background=False)
 
 
 def test_tracker_child_runs_batching_and_resume(tracker_env: tuple[Any, str, str, str]) -> None:
@@ -344,3 +344,23 @@ def test_report_table_orders_by_value(tmp_path: Path) -> None:
     table = format_table(rows).splitlines()
     assert table[0].split()[:4] == ["#", "trial", "state", "value"]
     assert table[1].split()[1:4] == ["t2", "COMPLETE", "70.00"]
+
+
+def test_tracker_background_thread(tracker_env: tuple[Any, str, str, str]) -> None:
+    """In a sweep the MLflow I/O runs on one background thread; the experiment end waits for it."""
+    from sweeps.tracking import MlflowTracker
+
+    client, uri, exp, parent = tracker_env
+    tr = MlflowTracker(uri, exp, parent, flush_interval_s=0, log_checkpoint=False)
+    trial = FakeTrial("t1", {"optim.lr": 0.001})
+    tr.on_trial_start(0, [trial], trial)
+    for step in range(3):
+        tr.on_trial_result(0, [trial], trial, _result(step))
+        tr.on_step_end(0, [trial])
+    trial.last_result = _result(2)
+    tr.on_trial_complete(0, [trial], trial)
+    tr.on_experiment_end([trial])
+    run = client.get_run(tr.runs["t1"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, M.AVERAGE)] == [0, 1, 2]
+    assert "accuracy_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
