@@ -350,24 +350,14 @@ def _connect_ray(args: argparse.Namespace, s: Settings) -> None:
 
 
 def _encode_runner(kind: str) -> Any:
+    """``--encode-on ray``: the feature extraction on Ray encoder actors (one per GPU) of the cluster
+    this driver is connected to (:class:`sweeps.ray_cache.RayJobRunner`); the cache root must be
+    storage every node shares."""
     if kind != "ray":
         return None
+    from sweeps.ray_cache import RayJobRunner
 
-    def run_jobs(jobs: Sequence[Any], ctx: Any) -> None:
-        import ray
-
-        from lada_core.features.cache import run_jobs_locally
-
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-
-        @ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)
-        def encode(job: Any, context: Any) -> None:
-            run_jobs_locally([job], context, progress=False)
-
-        ctx_ref = ray.put(ctx)  # the benchmark (image sources) once in the object store
-        ray.get([encode.remote(j, ctx_ref) for j in jobs])
-
-    return run_jobs
+    return RayJobRunner(progress=sys.stderr.isatty())
 
 
 def build_cache(s: Settings, spec: Any, encode_on: str) -> tuple[Any, Any]:
