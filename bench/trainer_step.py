@@ -461,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = f"   {1e3 * before:10.3f}" if before is not None else ""
         print(f"  {name:<52s} {1e3 * v:10.3f} {100 * v / step:6.1f}%{extra}")
     rest = step - total
-    note = " (< 0: in the loop the parts overlap; alone, each waits for the GPU)" if rest < 0 else ""
+    why = "in the loop the parts overlap; alone, each waits for the GPU" if gpu else "the parts' own timings vary (machine load)"
+    note = f" (< 0: {why})" if rest < 0 else ""
     print(f"  {'rest (Python, loss check, copies; loop - parts)':<52s} {1e3 * rest:10.3f} {100 * rest / step:6.1f}%{note}")
     print(f"  {'loop step':<52s} {1e3 * step:10.3f} {100.0:6.1f}%")
     print(f"\ntext encoder forward+backward: {100 * enc / step:.1f}% of the step; everything else: {100 * (1 - enc / step):.1f}%")
