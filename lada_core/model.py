@@ -307,10 +307,13 @@ def sample_replay(bank: GaussianBank, gamma: float, generator: torch.Generator |
     return feats, bank.labels, gamma * bank.weights
 
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, reduction: str = "mean", denom: float | None = None) -> torch.Tensor:
     """One weighted cross-entropy over the batch (section 4). ``mean``: mean of w * CE (the reference
-    code); ``weight_sum``: sum of w * CE / sum of w (OPEN switch ``lada.loss_reduction``)."""
+    code); ``weight_sum``: sum of w * CE / sum of w (OPEN switch ``lada.loss_reduction``). ``denom``
+    replaces the denominator (data-parallel: each rank holds a slice of the global batch)."""
     ce = F.cross_entropy(logits, labels, reduction="none")
+    if denom is not None:
+        return (weights * ce).sum() / denom
     if reduction == "mean":
         return (weights * ce).mean()
     if reduction == "weight_sum":

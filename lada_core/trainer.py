@@ -47,7 +47,9 @@ from lada_core.model import (
     grow_class_map,
     kmeans_units,
     lada_logits,
+    sample_replay,
     training_logits,
+    weighted_cross_entropy,
 )
 
 STATE_FILE = "state.pt"
@@ -306,6 +308,15 @@ def run_continual(
                 rows = np.stack(st.rows[: j + 1])
                 on_task_end(TaskEnd(j, names[j], n_tasks, rows[-1], rows, _step_metrics(rows, names), out / f"task-{j:03d}", 0.0, resumed=True))
 
+    if world > 1:  # every rank must resume at the same task (the output folder must be shared)
+        span = torch.tensor([start, -start], device=device)
+        torch.distributed.all_reduce(span, op=torch.distributed.ReduceOp.MAX)
+        if int(span[0]) != -int(span[1]):
+            raise ResumeError(
+                f"data-parallel ranks found different finished tasks in {out} (from {-int(span[1])} to {int(span[0])}); "
+                "all ranks must see the same output folder"
+            )
+
     counts: list[int] = []
     for k in range(start, n_tasks):
         t_task = time.time()
@@ -344,18 +355,11 @@ def run_continual(
         replay_on = lc.use_replay and len(st.bank) > 0
         # Constant for the whole task, so computed here and not every step:
         # - the prompts without the padding after their last EOT token (AdaptedTextEncoder.trim);
-        # - replay = sample_replay(bank, gamma): p = mu + sigma * eps with fresh eps each step, label
-        #   and weight gamma * pi per component; real images weigh 1;
         # - which units belong to which class (UnitIndex), for the old and for the current units.
         # The old classes' logits need no gradient (their text features and units are frozen), so they
         # are computed apart from the current ones and no torch.cat of the old units is made per step.
         tokens = enc.trim(tokens)
-        if replay_on:
-            rep_sigma = st.bank.variances.clamp_min(0).sqrt().unsqueeze(1)  # [M, 1]
-            y_rep = st.bank.labels
-            w_full = torch.cat([lc.distill_weight * st.bank.weights, torch.ones(bs, device=device)])  # [M + bs]
-        else:
-            w_full = torch.ones(bs, device=device)
+        ones = torch.ones(bs, device=device)  # real images weigh 1
         use_units = lc.use_units
         if use_units:
             cur_units_at = st.units.shape[0]
@@ -385,13 +389,14 @@ def run_continual(
                 x_real = feats_t[idx]
                 y_real = labels_t[idx]
                 if replay_on:
-                    eps = torch.randn(st.bank.means.shape, generator=gen, device=device)
-                    x = torch.cat([st.bank.means + rep_sigma * eps, x_real])
+                    # one replayed feature per stored component, fresh noise, weight gamma * pi; in front
+                    x_rep, y_rep, w_rep = sample_replay(st.bank, lc.distill_weight, generator=gen)
+                    x = torch.cat([x_rep, x_real])
                     y = torch.cat([y_rep, y_real])
+                    w = torch.cat([w_rep, ones[: len(x_real)]])
                 else:
-                    x, y = x_real, y_real
+                    x, y, w = x_real, y_real, ones[: len(x_real)]
                 b_global = x.shape[0]
-                w = w_full[:b_global]
                 x = F.normalize(x, dim=-1)
                 if b_global not in denoms:
                     denoms[b_global] = float(b_global) if lc.loss_reduction == "mean" else float(w.sum())
@@ -407,7 +412,7 @@ def run_continual(
                         h_old = lada_logits(x, st.units, old_map, lc.beta, old_index) if use_units else None
                         z_old = training_logits(x, st.text_seen, lc.tau, lc.alpha, h_old)  # [b, n_old]
                     z = torch.cat([z_old, z], dim=1)
-                loss = (w * F.cross_entropy(z, y, reduction="none")).sum() / denom
+                loss = weighted_cross_entropy(z, y, w, lc.loss_reduction, denom)
                 if world > 1:
                     loss_val = loss.detach().clone()
                     torch.distributed.all_reduce(loss_val)

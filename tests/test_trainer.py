@@ -34,6 +34,12 @@ def test_new_task_starts_exactly_at_zero_shot(tiny_backbone) -> None:
     assert torch.equal(ours, clip.float())
     x = torch.nn.functional.normalize(torch.randn(5, ours.shape[1]), dim=-1)
     assert torch.equal(100 * x @ ours.t(), 100 * x @ clip.float().t())
+    # the trainer encodes prompts without the padding after their last EOT token (causal mask: the
+    # EOT output cannot see it); same features up to float rounding of other matrix shapes
+    with torch.no_grad():
+        trimmed = enc(enc.trim(tok))
+    assert enc.trim(tok).shape[1] < tok.shape[1]
+    assert torch.allclose(trimmed, clip.float(), atol=1e-5)
 
 
 def test_only_adapters_and_current_units_are_trained(mini_cache, tiny_backbone, tmp_path: Path, monkeypatch) -> None:
