@@ -3,12 +3,13 @@
 Seven tasks with disjoint label spaces and classes named in words, evaluated over all 20 class
 names: Fashion-MNIST in five tasks of two classes in label order, then scikit-learn's bundled
 digits in two tasks (zero to four, five to nine). Fashion-MNIST is read from Debian's
-``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``) or ``--data-root``.
+``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``), ``--data-root``, or the
+folder named by the environment variable ``LADA_FASHION_MNIST_DIR``.
 """
 
 from __future__ import annotations
 
-import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def _find(root: Path, stem: str) -> Path:
 
 def load_fashion_mnist(root: str | Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"train": (images [60000,28,28] uint8, labels), "test": (...)}`` from the idx files."""
-    base = Path(root) if root else FASHION_DIR
+    base = Path(root) if root else Path(os.environ.get("LADA_FASHION_MNIST_DIR", FASHION_DIR))
     if root and (base / "fashion-mnist").is_dir():
         base = base / "fashion-mnist"
     if not base.is_dir():
