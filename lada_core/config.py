@@ -13,9 +13,10 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 VARIANTS = ("adapter_only", "adapter_replay", "adapter_units", "full")
 """The paper's ablations (Table 4): text AdaptFormer only, + Gaussian replay, + memory units, full."""
@@ -118,7 +119,7 @@ class Config:
                 out[f"{section}.{key}"] = value
         return out
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Range checks that types alone cannot express; raises :class:`ConfigError`."""
         checks = [
             (self.lada.memory_size >= 1, "lada.memory_size (lambda1) must be >= 1"),

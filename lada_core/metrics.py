@@ -7,7 +7,7 @@ modified. Metric names are defined here once; the trainer, the sweep layer and M
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -257,7 +257,7 @@ class GaussianBank:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
-    def extend(self, other: "GaussianBank") -> "GaussianBank":
+    def extend(self, other: GaussianBank) -> GaussianBank:
         if len(self) == 0:
             return other
         return GaussianBank(
@@ -271,7 +271,7 @@ class GaussianBank:
         return {"means": self.means, "variances": self.variances, "weights": self.weights, "labels": self.labels}
 
     @classmethod
-    def from_state(cls, s: dict[str, torch.Tensor]) -> "GaussianBank":
+    def from_state(cls, s: dict[str, torch.Tensor]) -> GaussianBank:
         return cls(s["means"], s["variances"], s["weights"], s["labels"])
 
 

@@ -26,9 +26,10 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -260,7 +261,7 @@ def run_continual(
     output_dir: str | Path,
     on_task_end: Callable[[TaskEnd], None] | None = None,
     backbone: Backbone | None = None,
-    source: "object | None" = None,
+    source: object | None = None,
     log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train LADA over the whole sequence; see the module docstring. ``source`` replaces the cached

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from lada_core import trainer as T
 from lada_core.config import build_config
 from lada_core.features import ensure_cache, load_bundle

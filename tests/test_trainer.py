@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, tiny_overrides
+
 from lada_core.config import build_config
 from lada_core.model import AdaptedTextEncoder
 from lada_core.trainer import DivergenceError, run_continual

@@ -6,7 +6,7 @@ theirs with :func:`register`. A name that ends in ``.yaml``/``.yml`` is a user-d
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from lada_core.benchmarks.base import (
     ArrayImages,

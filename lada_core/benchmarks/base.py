@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -183,7 +184,7 @@ class Benchmark:
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
 
-    def validate(self) -> "Benchmark":
+    def validate(self) -> Benchmark:
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise DataError(f"benchmark {self.name}: task names must be unique, got {names}")
