@@ -31,7 +31,7 @@ class BackboneError(ValueError):
 
 @dataclass
 class Backbone:
-    model: torch.nn.Module  # open_clip CLIP, frozen, eval mode
+    model: Any  # open_clip CLIP (an nn.Module), frozen, eval mode
     name: str
     pretrained: str | None
     image_size: int
@@ -49,7 +49,7 @@ class Backbone:
         return int(proj.shape[1])
 
     @property
-    def text_module(self) -> torch.nn.Module:
+    def text_module(self) -> Any:
         """The module holding the text tower's parts (CLIP itself, or CustomTextCLIP.text)."""
         return getattr(self.model, "text", None) or self.model
 

@@ -50,7 +50,7 @@ def _build_cfg(args: argparse.Namespace) -> Any:
     return build_config(args.config, None, sets)
 
 
-def _user_errors() -> tuple[type, ...]:
+def _user_errors() -> tuple[type[Exception], ...]:
     from lada_core.backbone import BackboneError
     from lada_core.benchmarks.base import DataError
     from lada_core.config import ConfigError

@@ -38,7 +38,8 @@ def predict(features: torch.Tensor, st: EvalState, index: UnitIndex | None = Non
     x = F.normalize(features.float(), dim=-1)
     n_seen = st.text_seen.shape[0]
     text_all = torch.cat([st.text_seen, st.text_zeroshot[n_seen:]], dim=0)
-    h = lada_logits(x, st.units, st.class_map, st.beta, index) if st.units is not None and st.units.numel() else None
+    has_units = st.units is not None and st.class_map is not None and st.units.numel() > 0
+    h = lada_logits(x, st.units, st.class_map, st.beta, index) if has_units else None  # type: ignore[arg-type]
     route = None
     if st.selector:
         route = (x @ st.text_zeroshot.t()).argmax(dim=1) < n_seen

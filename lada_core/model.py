@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class AdaptedTextEncoder(nn.Module):
     adapters alone and a state dict holds nothing of CLIP.
     """
 
-    def __init__(self, text_module: nn.Module, bottleneck: int = 16, residual: float = 0.1) -> None:
+    def __init__(self, text_module: Any, bottleneck: int = 16, residual: float = 0.1) -> None:
         super().__init__()
         self.__dict__["clip_text"] = text_module  # not a registered sub-module: frozen, not trained
         blocks = text_module.transformer.resblocks
@@ -63,7 +64,7 @@ class AdaptedTextEncoder(nn.Module):
         same positional embeddings and causal mask as in the full context."""
         from open_clip.transformer import text_global_pool
 
-        tm = self.clip_text
+        tm: Any = self.clip_text
         cast = tm.transformer.get_cast_dtype()
         length = tokens.shape[1]
         x = tm.token_embedding(tokens).to(cast) + tm.positional_embedding[:length].to(cast)  # [C, L, W]
@@ -98,7 +99,7 @@ class AdaptedTextEncoder(nn.Module):
         rounding: the matrix products have other shapes) for a fraction of the compute (X-TAIL prompts
         are 8-20 tokens of CLIP's 77). Towers without a causal mask or EOT pooling are left as they are.
         """
-        tm = self.clip_text
+        tm: Any = self.clip_text
         pool = getattr(tm, "text_pool_type", "argmax")
         mask = tm.attn_mask
         if tokens.ndim != 2 or tokens.shape[1] < 2 or pool not in ("argmax", "eos") or mask is None or not _is_causal(mask):

@@ -40,6 +40,7 @@ from lada_core.backbone import Backbone, load_backbone, resolve_device
 from lada_core.config import Config, config_hash
 from lada_core.evaluate import EvalState, accuracy
 from lada_core.features.bundle import FeatureBundle
+from lada_core.features.source import FeatureSource
 from lada_core.model import (
     AdaptedTextEncoder,
     GaussianBank,
@@ -143,7 +144,7 @@ class _TextStep(torch.nn.Module):
             return self.enc(tokens)  # [n_cls, D]
 
 
-def _text_step(enc: AdaptedTextEncoder, tokens: torch.Tensor, amp: bool, device: torch.device, log: Callable[[str], None]) -> torch.nn.Module:
+def _text_step(enc: AdaptedTextEncoder, tokens: torch.Tensor, amp: bool, device: torch.device, log: Callable[[str], None]) -> Callable[[torch.Tensor], torch.Tensor]:
     step = _TextStep(enc, amp, device.type)
     if device.type != "cuda" or not CUDA_GRAPHS:
         return step
@@ -152,7 +153,7 @@ def _text_step(enc: AdaptedTextEncoder, tokens: torch.Tensor, amp: bool, device:
             # capture runs on side streams; torch warns that the adapters' gradient-accumulation
             # nodes were made on another stream, which costs nothing here (checked: same results)
             warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
-            return torch.cuda.make_graphed_callables(step, (tokens,))
+            return torch.cuda.make_graphed_callables(step, (tokens,))  # type: ignore[return-value]
     except Exception as exc:  # an op that cannot be captured: run eagerly
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         log(f"CUDA graph capture of the text encoder failed ({first}); running it eagerly")
@@ -261,7 +262,7 @@ def run_continual(
     output_dir: str | Path,
     on_task_end: Callable[[TaskEnd], None] | None = None,
     backbone: Backbone | None = None,
-    source: object | None = None,
+    source: FeatureSource | None = None,
     log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train LADA over the whole sequence; see the module docstring. ``source`` replaces the cached
@@ -279,7 +280,9 @@ def run_continual(
     if backbone is None:
         backbone = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
     backbone.model.to(device)
-    src = source if source is not None else CachedSource(bundle)
+    if source is None and bundle is None:
+        raise ValueError("run_continual needs a feature bundle or a source")
+    src: FeatureSource = source if source is not None else CachedSource(bundle)  # type: ignore[arg-type]
     names = src.task_names
     n_tasks = len(names)
     offsets = src.offsets

@@ -74,6 +74,16 @@ def load_digits_split(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]
     return {"train": (images[tr], labels[tr]), "test": (images[te], labels[te])}
 
 
+class _LabelMap:
+    """Dataset label -> the task's local label (a picklable callable, for Ray)."""
+
+    def __init__(self, lut: np.ndarray) -> None:
+        self.lut = lut
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        return self.lut[y]
+
+
 def _slice_tasks(
     prefix: str, data: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], groups: list[list[int]],
     shots: int | None, seed: int, origin: str, augment: bool,
@@ -93,8 +103,8 @@ def _slice_tasks(
             Task(
                 name=f"{prefix}-{i + 1}",
                 class_names=[names[c] for c in group],
-                train=Subset(train, tr_idx, label_map=lambda y, lut=lut: lut[y]),
-                test=Subset(test, te_idx, label_map=lambda y, lut=lut: lut[y]),
+                train=Subset(train, tr_idx, label_map=_LabelMap(lut)),
+                test=Subset(test, te_idx, label_map=_LabelMap(lut)),
                 epochs=EPOCHS,
                 augment=augment,
             )

@@ -8,13 +8,31 @@ the accuracy cost of the finite view pool can be measured.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from lada_core.benchmarks.base import Benchmark
 from lada_core.features.bundle import FeatureBundle
+
+
+class FeatureSource(Protocol):
+    """What the trainer reads: per task, clean and per-epoch training features, test features."""
+
+    key: str
+    task_names: list[str]
+    offsets: list[int]
+    embed_dim: int
+
+    def prompts(self, template: str) -> list[str]: ...
+    def num_classes(self, k: int) -> int: ...
+    def epochs(self, k: int) -> int: ...
+    def clean_train(self, k: int) -> np.ndarray: ...
+    def train_labels(self, k: int) -> np.ndarray: ...
+    def epoch_features(self, k: int, epoch: int, rng: np.random.Generator) -> np.ndarray: ...
+    def test_features(self, t: int) -> np.ndarray: ...
+    def test_labels(self, t: int) -> np.ndarray: ...
 
 
 class CachedSource:
