@@ -44,7 +44,7 @@ TINY_MODEL = "lada-tiny"  # the random-init model lada_core ships (lada_core/dat
 IDENTITY = (
     "space", "benchmark", "data_root", "num_samples", "metric", "scheduler", "grace_period",
     "reduction_factor", "gpus_per_trial", "cpus_per_trial", "seed", "config", "set", "study_storage",
-    "mlflow_uri", "experiment", "tiny_model", "point",
+    "mlflow_uri", "experiment", "tiny_model",
 )
 
 
@@ -70,9 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=None, help="a lada-train YAML config to start from")
     g.add_argument("--tiny-model", action="store_true", default=None, help="use the small random-init model lada_core ships (lada-tiny): an offline demo of any space")
     g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="override a config value (repeatable), e.g. --set optim.epochs_scale=0.5")
-    g.add_argument("--point", action="append", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="evaluate this point of the space right after the space's own first points, before the sampler's (repeatable), "
-                        "e.g. --point optim.lr=3e-3,lada.memory_size=8; every name must be one the space suggests, the others keep being sampled")
     g = p.add_argument_group("scheduling")
     g.add_argument("--scheduler", choices=("fifo", "asha"), default=None, help="fifo runs every trial to its last task; asha stops trials that are weak after a task (default: the space's)")
     g.add_argument("--grace-period", type=int, default=None, help="ASHA: tasks every trial runs before it can be stopped (default 1)")
@@ -121,7 +118,6 @@ class Settings:
     mlflow_uri: str
     experiment: str
     tiny_model: bool = False
-    point: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
     cache_key: str | None = None
     cache_path: str | None = None
@@ -261,7 +257,6 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         mlflow_uri=args.mlflow_uri or default_tracking_uri(),
         experiment=args.experiment or DEFAULT_EXPERIMENT,
         tiny_model=bool(args.tiny_model),
-        point=list(args.point or []),
         created=time.time(),
     )
 
@@ -291,58 +286,6 @@ def base_config(s: Settings) -> Any:
     return from_dict(fixes, cfg) if fixes else cfg
 
 
-def parse_points(items: Sequence[str], suggested: Sequence[str], spec: Any) -> list[dict[str, Any]]:
-    """``--point`` strings (``KEY=VALUE[,KEY=VALUE]``) -> points for Optuna's queue. Every name must be
-    one the space suggests; values are typed by the config (``1e-3`` -> float, ``8`` -> int) and must
-    give a valid config. Raises :class:`UsageError` / ``ConfigError`` with one line."""
-    from lada_core.config import ConfigError, parse_set
-
-    points = []
-    for item in items:
-        shown = item if len(item) <= 120 and item.isprintable() else repr(item[:120])
-        point: dict[str, Any] = {}
-        for part in (x.strip() for x in item.split(",")):
-            if not part:
-                continue
-            try:
-                key, value = parse_set(part)
-            except ConfigError as exc:
-                raise UsageError(f"--point {shown}: {str(exc).replace('--set ', '')}") from None
-            if key not in suggested:
-                names = ", ".join(suggested) or "none"
-                key_shown = key if len(key) <= 80 and key.isprintable() else repr(key[:80])
-                raise UsageError(f"--point {shown}: {key_shown} is not a parameter of the space (it suggests: {names}); use --set for fixed settings")
-            if key in point:
-                raise UsageError(f"--point {shown}: {key} is given twice")
-            point[key] = value
-        if not point:
-            raise UsageError(f"--point {shown}: expected KEY=VALUE[,KEY=VALUE]")
-        try:
-            flat = spec.config(point).flat()
-        except ConfigError as exc:
-            raise UsageError(f"--point {shown}: {exc}") from None
-        points.append({k: flat[k] for k in point})
-    return points
-
-
-def suggested_names(space: Any, seed: int = 0) -> list[str]:
-    """The parameter names a space suggests (from one sample of a throwaway study)."""
-    import optuna
-
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    finally:
-        optuna.logging.set_verbosity(level)
-    names: set[str] = set()
-    for _ in range(16):  # a conditional space suggests different names on different branches
-        trial = study.ask()
-        space.fn(trial)
-        names |= set(trial.params)
-    return sorted(names)
-
-
 def check_inputs(s: Settings) -> tuple[Any, Any, Any]:
     """Everything that can be checked without Ray: returns (space, objective, TrialSpec)."""
     import optuna
@@ -370,7 +313,6 @@ def check_inputs(s: Settings) -> tuple[Any, Any, Any]:
     finally:
         optuna.logging.set_verbosity(level)
     samples = [dict(p) for p in space.points_to_evaluate()]
-    samples += parse_points(s.point, suggested_names(space, s.seed), spec)
     for _ in range(3):
         samples.append(space.sample(study.ask()))
     for sample in samples:
@@ -504,19 +446,6 @@ def _run_sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"sweep {s.name!r} already exists in {s.storage}: pass --resume to continue it, or choose another --name")
     if not args.resume and _study_file_exists(s.study_storage) and study_exists(open_storage(s.study_storage), s.name):
         raise UsageError(f"an Optuna study named {s.name!r} already exists in {s.study_storage}: pass --resume or choose another --name")
-    if not is_uri(folder):
-        from sweeps.storage import check_writable
-
-        check_writable(folder)  # a read-only or impossible results folder: one line, before anything runs
-    extra_points = parse_points(s.point, suggested_names(space, s.seed), spec)
-    if s.mlflow_uri.startswith(("http://", "https://")):
-        # MLflow's defaults retry an unreachable server for minutes per call; the tracker has its own
-        # retry policy (and Ray's results to catch up from), so fail each call fast.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a line per closed run
-        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retry notes; ours say it once
 
     _connect_ray(args, s)
     try:
@@ -533,11 +462,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         spec = replace(spec, cache_path=str(info.path), results_dir=None if is_uri(folder) else folder)
-        try:
-            client, exp_id, parent = open_parent_run(s, spec.config({}).data.benchmark, info)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"MLflow at {s.mlflow_uri}: could not open the sweep's parent run ({first}); start the tracking server or choose another --mlflow-uri") from None
+        client, exp_id, parent = open_parent_run(s, spec.config({}).data.benchmark, info)
         s.parent_run_id = parent
         save_settings(s)
         print(f"lada-sweep: {s.name}: space {s.space}, {s.num_samples} trials, objective {objective.name} ({s.mode}), "
@@ -549,7 +474,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
         storage = open_storage(s.study_storage)
         searcher = LadaOptunaSearch(
-            space.fn, metric=OBJECTIVE, mode=s.mode, points_to_evaluate=[*space.points_to_evaluate(), *extra_points],
+            space.fn, metric=OBJECTIVE, mode=s.mode, points_to_evaluate=space.points_to_evaluate(),
             sampler=make_sampler(s.seed), study_name=s.name, storage=storage,
         )
         if s.scheduler == "asha":
@@ -566,17 +491,13 @@ def _run_sweep(args: argparse.Namespace) -> int:
             from ray.tune.schedulers import FIFOScheduler
 
             scheduler = FIFOScheduler()
-        from sweeps.storage import StorageGuard
-
         tracker = MlflowTracker(s.mlflow_uri, exp_id, parent, sweep_name=s.name, spec=spec, extra_tags={"lada.space": s.space})
-        guard = StorageGuard(folder)
         trainable = tune.with_resources(tune.with_parameters(lada_trainable, spec=spec), {"cpu": s.cpus_per_trial, "gpu": gpus})
         concurrency = effective_concurrency(s, args.max_concurrent, cluster, gpus)
         run_config = tune.RunConfig(
             name=s.name,
             storage_path=s.storage,
-            callbacks=[tracker, guard],
-            stop=guard,  # only used when Tune's interrupt handler is missing (see sweeps.storage)
+            callbacks=[tracker],
             # Each task checkpoint holds the whole state: keep the last two (Tune forces an experiment
             # snapshot every num_to_keep trial checkpoints, so 1 would snapshot at every task).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -595,37 +516,19 @@ def _run_sweep(args: argparse.Namespace) -> int:
             reuse_actors=True,
         )
         t_fit = time.time()
-        tuner = None
-        guard.install_filters()
-        try:
-            if args.resume and tune.Tuner.can_restore(folder):
-                tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
-                _apply_runtime_overrides(tuner, args)
-            else:
-                if args.resume:  # stopped before Tune saved any state: start over, closing what it left
-                    searcher.fail_orphans()
-                tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
-            grid = tuner.fit()
-        except Exception as exc:
-            from sweeps.storage import describe
-
-            found = describe(exc, folder)
-            if found is None:
-                raise
-            guard.message = guard.message or found  # after fit: nothing left to interrupt
-            grid = None
-        finally:
-            used_guard = (_callback_of(tuner, StorageGuard) if tuner is not None else None) or guard
-            for g in {id(guard): guard, id(used_guard): used_guard}.values():
-                g.remove_filters()
+        if args.resume and tune.Tuner.can_restore(folder):
+            tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
+            _apply_runtime_overrides(tuner, args)
+        else:
+            if args.resume:  # stopped before Tune saved any state: start over, closing what it left
+                searcher.fail_orphans()
+            tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+        grid = tuner.fit()
         t_end = time.time()
-        used = (_tracker_of(tuner) if tuner is not None else None) or tracker
-        if used_guard.tripped or guard.tripped:
-            return storage_stop(s, grid, client, parent, used, used_guard.message or guard.message or "", t_start, t_fit, t_end)
         summary = summarize(s, grid, objective, t_start, t_fit, t_end, concurrency)
+        used = _tracker_of(tuner) or tracker
         summary["mlflow_callback_s"] = used.seconds
         summary["mlflow_calls"] = used.calls
-        summary["mlflow_unsent"] = list(used.unsent())
         finish_parent(s, client, parent, summary, spec, storage)
         print_summary(summary)
         return 0 if summary["completed"] > 0 else 1
@@ -637,43 +540,11 @@ def _tracker_of(tuner: Any) -> Any:
     """The MLflow callback Tune actually ran (a restored Tuner runs its own unpickled copy)."""
     from sweeps.tracking import MlflowTracker
 
-    return _callback_of(tuner, MlflowTracker)
-
-
-def _callback_of(tuner: Any, cls: type) -> Any:
     internal = getattr(tuner, "_local_tuner", None)
     for cb in getattr(getattr(internal, "_run_config", None), "callbacks", None) or []:
-        if isinstance(cb, cls):
+        if isinstance(cb, MlflowTracker):
             return cb
     return None
-
-
-def storage_stop(s: Settings, grid: Any, client: Any, parent: str, tracker: Any, message: str,
-                 t_start: float, t_fit: float, t_end: float) -> int:
-    """The sweep was stopped by a storage failure: one line naming the path, what is kept, how to
-    continue; the parent run says why. Nothing more is written to the results folder."""
-    from mlflow.entities import RunTag
-
-    from sweeps.storage import EXIT_STORAGE
-
-    rows = trial_rows(grid, s.num_tasks or 0, interrupted=True) if grid is not None else []
-    done = sum(1 for r in rows if r["outcome"] in ("completed", "pruned"))
-    try:
-        client.log_batch(parent, tags=[RunTag("lada.error", message[:4000]), RunTag("lada.stopped", "storage")])
-        client.set_terminated(parent, status="FAILED")
-    except Exception:
-        pass
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
-    if rows:
-        print(f"sweep {s.name}: {len(rows)} trials ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) "
-              f"after {t_end - t_start:.1f}s", file=sys.stdout)
-    storage_flag = f" --storage {s.storage}" if s.storage != str(Path(DEFAULT_STORAGE).resolve()) else ""
-    print(f"lada-sweep: error: {message}: the sweep stopped; its {done} finished trials are kept in {s.folder}; "
-          f"free space (or make the folder writable) and continue with: lada-sweep --resume --name {s.name}{storage_flag}",
-          file=sys.stderr, flush=True)
-    return EXIT_STORAGE
 
 
 def _study_file_exists(url: str) -> bool:
@@ -698,21 +569,17 @@ def _apply_runtime_overrides(tuner: Any, args: argparse.Namespace) -> None:
     internal._run_config.failure_config.max_failures = args.max_failures
 
 
-def trial_rows(grid: Any, num_tasks: int, interrupted: bool = False) -> list[dict[str, Any]]:
-    """One row per trial of a ResultGrid: id, status, outcome, objective, params, times.
-    ``interrupted``: the sweep was stopped (storage failure), so an unfinished trial is "stopped"."""
+def trial_rows(grid: Any, num_tasks: int) -> list[dict[str, Any]]:
+    """One row per trial of a ResultGrid: id, status, outcome, objective, params, times."""
     from lada_core import metrics as M
     from sweeps.objective import OBJECTIVE
-    from sweeps.storage import STORAGE_ERROR
     from sweeps.trainable import DIVERGED, NODE_ID, TASK_SECONDS, TASKS_DONE
 
     rows = []
     for r in grid:
         m = r.metrics or {}
         done = int(m.get(TASKS_DONE, 0) or 0)
-        if m.get(STORAGE_ERROR) or (interrupted and done < num_tasks and not m.get(DIVERGED)):
-            outcome = "stopped"
-        elif r.error is not None:
+        if r.error is not None:
             outcome = "failed"
         elif m.get(DIVERGED):
             outcome = "diverged"
@@ -771,56 +638,39 @@ def summarize(s: Settings, grid: Any, objective: Any, t_start: float, t_fit: flo
 
 def finish_parent(s: Settings, client: Any, parent: str, summary: dict[str, Any], spec: Any, storage: Any) -> None:
     """Best config YAML (next to the results and on the parent run), best value, importances."""
+    from mlflow.entities import Metric, RunTag
+
     from lada_core.config import config_to_yaml
 
     best = summary["best"]
-    yaml_text = config_to_yaml(spec.config(best["config"])) if best is not None else None
-    try:
-        _write_text(join_path(s.folder, SUMMARY_FILE), json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
-        if yaml_text is not None:
-            _write_text(join_path(s.folder, BEST_CONFIG), yaml_text)
-    except OSError as exc:
-        from sweeps.storage import describe
-
-        print(f"lada-sweep: warning: summary not written ({describe(exc, s.folder) or exc})", file=sys.stderr)
-    fig = None
-    try:
-        from sweeps.report import importance_figure, load_study_for
-
-        fig = importance_figure(load_study_for(s.study_storage, s.name))
-    except Exception as exc:  # too few finished trials, constant parameters
-        logging.getLogger(__name__).info("no importances: %s", exc)
-    try:
-        write_parent_end(client, parent, summary, yaml_text, fig)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        print(f"lada-sweep: warning: MLflow parent run not updated ({first}); once MLflow is reachable: "
-              f"python -m sweeps.report --name {s.name} --storage {s.storage} --sync-mlflow", file=sys.stderr)
-
-
-def write_parent_end(client: Any, parent: str, summary: dict[str, Any], yaml_text: str | None, importance_fig: Any = None) -> None:
-    """Close the sweep's parent run: counts, wall time, overhead, best value and config, importances."""
-    from mlflow.entities import Metric, RunTag
-
-    now = int(time.time() * 1000)
-    best = summary.get("best")
+    _write_text(join_path(s.folder, SUMMARY_FILE), json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
     metrics = [
-        Metric("trials_completed", float(summary["completed"]), now, 0),
-        Metric("sweep_wall_s", float(summary["wall_s"]), now, 0),
-        Metric("overhead_share", float(summary["overhead_share"]), now, 0),
+        Metric("trials_completed", float(summary["completed"]), int(time.time() * 1000), 0),
+        Metric("sweep_wall_s", float(summary["wall_s"]), int(time.time() * 1000), 0),
+        Metric("overhead_share", float(summary["overhead_share"]), int(time.time() * 1000), 0),
     ]
     tags = [RunTag("lada.outcomes", json.dumps(summary["outcomes"]))]
-    if best is not None:
-        name = summary["objective"] if "," not in summary["objective"] else "objective"
-        metrics.append(Metric(f"best_{name}", float(best["objective"]), now, 0))
-        tags.append(RunTag("lada.best_trial_id", str(best["trial_id"])))
-        if yaml_text is not None:
+    try:
+        if best is not None:
+            yaml_text = config_to_yaml(spec.config(best["config"]))
+            _write_text(join_path(s.folder, BEST_CONFIG), yaml_text)
+            metrics.append(Metric(f"best_{summary['objective'] if ',' not in summary['objective'] else 'objective'}", float(best["objective"]), int(time.time() * 1000), 0))
+            tags.append(RunTag("lada.best_trial_id", str(best["trial_id"])))
             client.log_text(parent, yaml_text, BEST_CONFIG)
-    client.log_batch(parent, metrics=metrics, tags=tags)
-    client.log_dict(parent, {k: v for k, v in summary.items() if k != "rows"}, SUMMARY_FILE)
-    if importance_fig is not None:
-        client.log_figure(parent, importance_fig, "param_importances.png")
-    client.set_terminated(parent, status="FINISHED")
+        client.log_batch(parent, metrics=metrics, tags=tags)
+        client.log_dict(parent, {k: v for k, v in summary.items() if k != "rows"}, SUMMARY_FILE)
+        try:
+            from sweeps.report import importance_figure, load_study_for
+
+            study = load_study_for(s.study_storage, s.name)
+            fig = importance_figure(study)
+            if fig is not None:
+                client.log_figure(parent, fig, "param_importances.png")
+        except Exception as exc:  # too few finished trials, constant parameters
+            logging.getLogger(__name__).info("no importances: %s", exc)
+        client.set_terminated(parent, status="FINISHED")
+    except Exception as exc:
+        print(f"lada-sweep: warning: MLflow parent run not updated ({exc})", file=sys.stderr)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -846,15 +696,10 @@ def print_summary(summary: dict[str, Any]) -> None:
             file=out,
         )
     print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}  (parent run {summary['parent_run_id']})", file=out)
-    pending, deferred = summary.get("mlflow_unsent") or (0, 0)
-    if pending or deferred:
-        print(f"MLflow was unreachable: {pending} metric points and {deferred} trial ends are not in it yet (Ray's results hold them); "
-              f"once it is back: python -m sweeps.report --name {summary['name']} --storage {Path(summary['folder']).parent} --sync-mlflow", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lada-sweep``; returns the exit code (2: bad input, 1: no trial completed,
-    3: the results folder could not be written - disk full, read-only - and the sweep stopped)."""
+    """Entry point of ``lada-sweep``; returns the exit code (2: bad input, 1: no trial completed)."""
     t0 = time.time()  # the sweep's wall time counts from here (the heavy imports are lazy)
     from lada_core.backbone import BackboneError
     from lada_core.benchmarks import DataError
@@ -862,7 +707,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from search_spaces import UnknownSpaceError
     from sweeps.objective import MetricError
     from sweeps.resources import ResourceError
-    from sweeps.storage import EXIT_STORAGE, StorageError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -872,9 +716,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, UnknownSpaceError, MetricError, ConfigError, ResourceError, DataError, BackboneError) as exc:
         print(f"lada-sweep: error: {exc}", file=sys.stderr)
         return 2
-    except StorageError as exc:
-        print(f"lada-sweep: error: {exc}", file=sys.stderr)
-        return EXIT_STORAGE
     except KeyboardInterrupt:
         print("lada-sweep: interrupted; continue with --resume --name <name>", file=sys.stderr)
         return 130

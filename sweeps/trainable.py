@@ -11,7 +11,6 @@ processes of a node, so a node holds one copy whatever the number of trials).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -32,8 +31,6 @@ DIVERGED = "diverged"
 NODE_ID = "node_id"
 WORLD_SIZE = "world_size"
 ERROR = "error_message"
-STORAGE_WAIT_S = 120.0
-"""How long a trial that could not write to storage waits for the driver to stop the sweep."""
 
 
 @dataclass(frozen=True)
@@ -95,37 +92,22 @@ def _task_index(folder: Path) -> int:
     return best
 
 
-def _loadable(task_dir: Path) -> bool:
-    """A complete checkpoint folder: its ``row.json`` parses and its ``state.pt`` loads (an upload
-    cut short by a full disk leaves a truncated copy behind)."""
-    try:
-        json.loads((task_dir / "row.json").read_text())
-        from lada_core.trainer import load_checkpoint
-
-        load_checkpoint(task_dir)
-        return True
-    except Exception:
-        return False
-
-
 def newest_stored_checkpoint(results_dir: str | None, trial_id: str) -> Path | None:
-    """The newest complete ``task-NNN`` folder this trial persisted under the sweep's folder (local or
-    shared storage). A driver killed between two experiment snapshots restores a trial from an older
+    """The newest ``task-NNN`` folder this trial persisted under the sweep's folder (local or shared
+    storage). A driver killed between two experiment snapshots restores a trial from an older
     checkpoint than the trial had written; the newer one on disk saves redoing tasks."""
     if not results_dir:
         return None
-    found: list[tuple[int, Path]] = []
+    best: tuple[int, Path] | None = None
     for trial_dir in Path(results_dir).glob(f"*_{trial_id}_*"):
         for p in trial_dir.glob("checkpoint_*/task-*/state.pt"):
             try:
                 k = int(p.parent.name.split("-")[1])
             except (IndexError, ValueError):
                 continue
-            found.append((k, p.parent))
-    for _, task_dir in sorted(found, key=lambda kp: kp[0], reverse=True):
-        if _loadable(task_dir):
-            return task_dir
-    return None
+            if best is None or k > best[0]:
+                best = (k, p.parent)
+    return best[1] if best else None
 
 
 def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
@@ -194,23 +176,6 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         result.setdefault(TASKS_DONE, 0)
         tune.report(result)
         return
-    except Exception as exc:
-        from sweeps.storage import STORAGE_ERROR, StorageError, describe
-
-        found = describe(exc, spec.results_dir or ctx.get_trial_dir())
-        if found is None:
-            raise
-        # A full or read-only disk: every retry and every other trial would fail the same way. Tell
-        # the driver (its StorageGuard stops the sweep as Ctrl+C would, keeping this trial
-        # resumable from its last stored checkpoint) and wait to be stopped.
-        result = dict(last.get("result", {}))
-        result.update({OBJECTIVE: math.nan, STORAGE_ERROR: found, ERROR: found, NODE_ID: node_id})
-        result.setdefault(TASKS_DONE, 0)
-        tune.report(result)
-        deadline = time.monotonic() + STORAGE_WAIT_S
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-        raise StorageError(found) from None
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if reported["count"] == 0 and "result" in last:
