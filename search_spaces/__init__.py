@@ -92,14 +92,20 @@ class SearchSpace:
         return {**captured, **(constants or {})}
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """A name as it appears in a one-line message: repr (escapes newlines), cut to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def space_names() -> list[str]:
     return sorted(REGISTRY)
 
 
 def get_space(name: str) -> SearchSpace:
     """Resolve a registry name to a :class:`SearchSpace`."""
-    if name not in REGISTRY:
-        raise UnknownSpaceError(f"unknown search space {name!r} (valid: {', '.join(space_names())})")
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise UnknownSpaceError(f"unknown search space {_show(name)} (valid: {', '.join(space_names())})")
     module = importlib.import_module(f"{__name__}.{name}")
     metric = getattr(module, "METRIC", metrics.AVERAGE)
     mode = getattr(module, "MODE", "max")

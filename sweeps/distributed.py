@@ -102,8 +102,13 @@ def run_continual_parallel(
     on_task_end: Callable[[Any], None] | None = None,
     backend: str | None = None,
     log: Callable[[str], None] | None = None,
+    timings: dict[str, Any] | None = None,
+    bundle: Any = None,
+    backbone: Any = None,
 ) -> Any:
     """Run :func:`lada_core.trainer.run_continual` over ``world_size`` processes; this process is rank 0.
+    ``bundle`` / ``backbone``: already opened ones to use (a worker that runs one trial after another
+    keeps them, see :mod:`sweeps.trainable`); by default they are opened here.
 
     Returns rank 0's :class:`~lada_core.trainer.RunResult`. A failing helper fails the run; when
     rank 0 stops (an exception, e.g. a Tune stop raised from ``on_task_end``) the helpers are ended.
@@ -115,9 +120,21 @@ def run_continual_parallel(
 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    bundle = load_bundle(bundle_path) if bundle_path else None
+    import time
+
+    t0 = time.time()
+    if bundle is None and bundle_path:
+        bundle = load_bundle(bundle_path)
+    t1 = time.time()
+    if timings is not None:  # measured apart from the training (bench/sweep_overhead.py)
+        if backbone is None:
+            from lada_core.backbone import load_backbone
+
+            backbone = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
+        timings["bundle_s"] = timings.get("bundle_s", 0.0) + t1 - t0
+        timings["backbone_s"] = timings.get("backbone_s", 0.0) + time.time() - t1
     if world_size == 1:
-        return run_continual(cfg, bundle, output_dir, on_task_end=on_task_end, log=log)
+        return run_continual(cfg, bundle, output_dir, on_task_end=on_task_end, log=log, backbone=backbone)
     backend = backend or choose_backend(world_size)
     port = free_port()
     ctx = mp.get_context("spawn")
@@ -143,7 +160,7 @@ def run_continual_parallel(
         threads_before = torch.get_num_threads()
         limiter = _init(0, world_size, port, backend, threads)
         try:
-            result = run_continual(cfg, bundle, output_dir, on_task_end=on_task_end, log=log)
+            result = run_continual(cfg, bundle, output_dir, on_task_end=on_task_end, log=log, backbone=backbone)
         finally:
             dist.destroy_process_group()
             torch.set_num_threads(threads_before)

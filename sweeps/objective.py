@@ -45,9 +45,17 @@ class Objective:
         return out
 
 
+def _show(value: str, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def parse_metric(text: str) -> Objective:
-    """``average`` / ``Transfer`` / ``last=0.5,average=0.5`` (``:`` also separates name and weight)."""
-    raw = (text or "").strip()
+    """``average`` / ``Transfer`` / ``last=0.5,average=0.5`` (``:`` also separates name and weight).
+    Raises :class:`MetricError` with one line for anything else."""
+    if not isinstance(text, str):
+        raise MetricError(f"--metric must be a string, got {type(text).__name__}")
+    raw = text.strip()
     if not raw:
         raise MetricError(f"--metric is empty (valid: {', '.join(M.METRICS)}, or a mix like last=0.5,average=0.5)")
     weights: dict[str, float] = {}
@@ -60,17 +68,17 @@ def parse_metric(text: str) -> Objective:
             try:
                 weight = float(w)
             except ValueError:
-                raise MetricError(f"--metric {raw!r}: weight of {name.strip()!r} is not a number: {w!r}") from None
+                raise MetricError(f"--metric {_show(raw)}: weight of {_show(name.strip())} is not a number: {_show(w)}") from None
             if not math.isfinite(weight) or weight < 0:
-                raise MetricError(f"--metric {raw!r}: weights must be finite and >= 0, got {w!r}")
+                raise MetricError(f"--metric {_show(raw)}: weights must be finite and >= 0, got {_show(w)}")
         else:
             name, weight = part, 1.0
         key = name.strip().lower()
         if key not in M.METRICS:
-            raise MetricError(f"unknown metric {name.strip()!r} (valid: {', '.join(M.METRICS)}, or a mix like last=0.5,average=0.5)")
+            raise MetricError(f"unknown metric {_show(name.strip())} (valid: {', '.join(M.METRICS)}, or a mix like last=0.5,average=0.5)")
         if key in weights:
-            raise MetricError(f"--metric {raw!r}: {key} is given twice")
+            raise MetricError(f"--metric {_show(raw)}: {key} is given twice")
         weights[key] = weight
     if not weights or sum(weights.values()) == 0:
-        raise MetricError(f"--metric {raw!r}: the weights must not sum to zero")
+        raise MetricError(f"--metric {_show(raw)}: the weights must not sum to zero")
     return Objective(weights)

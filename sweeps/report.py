@@ -1,5 +1,8 @@
 """``python -m sweeps.report --name NAME``: the state of a finished or running sweep.
 
+``--sync-mlflow`` instead writes to MLflow whatever it lacks of the sweep, from Ray's results (after
+the tracking server was unreachable during the sweep); a second call writes nothing.
+
 Prints the top trials (from the Optuna study, which the driver updates as trials end, joined with
 each trial's last Tune result for Transfer / Average / Last), writes the best config as YAML ready for
 ``lada-train --config``, prints Optuna's parameter importances and, for X-TAIL, the paper's numbers
@@ -179,7 +182,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="rows of the table (0: all)")
     p.add_argument("--out", default=None, help="where to write the best config YAML (default: <storage>/<name>/best_config.yaml)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--sync-mlflow", action="store_true",
+                   help="write to MLflow what it lacks of the sweep (runs, task steps, trial ends, the parent's end) from Ray's "
+                        "results, e.g. after the tracking server was unreachable; never writes a step twice; then exit")
     return p
+
+
+def sync_main(settings: Any, as_json: bool) -> int:
+    """``--sync-mlflow``: catch MLflow up with Ray's results (:func:`sweeps.tracking.sync_sweep`)."""
+    import os
+
+    from sweeps.run import is_uri
+    from sweeps.tracking import sync_sweep
+
+    if is_uri(settings.folder):
+        print(f"report: error: --sync-mlflow reads Ray's results from a local or shared folder, not {settings.folder}", file=sys.stderr)
+        return 2
+    if settings.mlflow_uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    try:
+        counts = sync_sweep(settings)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        print(f"report: error: MLflow at {settings.mlflow_uri}: {first}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(counts))
+        return 0
+    written = counts["runs_created"] + counts["metrics_logged"] + counts["runs_closed"] + counts["parent_closed"]
+    if written == 0:
+        print(f"MLflow sync of {settings.name}: nothing to write (MLflow at {settings.mlflow_uri} has everything Ray's results hold)")
+    else:
+        print(f"MLflow sync of {settings.name} to {settings.mlflow_uri}: {counts['runs_created']} runs created, "
+              f"{counts['metrics_logged']} metric points logged, {counts['runs_closed']} trial runs closed"
+              + (", parent run closed" if counts["parent_closed"] else ""))
+    if counts["duplicate_runs"]:
+        print(f"note: {counts['duplicate_runs']} trials have more than one run (left as they are)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report: error: no sweep {args.name!r} in {storage}", file=sys.stderr)
         return 2
     settings.storage = storage
+    if args.sync_mlflow:
+        return sync_main(settings, args.json)
     study = load_study_for(settings.study_storage, settings.name)
     results = tune_results(settings.folder) if not is_uri(settings.folder) else {}
     rows = top_trials(study, results, 0)

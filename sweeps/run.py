@@ -44,7 +44,7 @@ TINY_MODEL = "lada-tiny"  # the random-init model lada_core ships (lada_core/dat
 IDENTITY = (
     "space", "benchmark", "data_root", "num_samples", "metric", "scheduler", "grace_period",
     "reduction_factor", "gpus_per_trial", "cpus_per_trial", "seed", "config", "set", "study_storage",
-    "mlflow_uri", "experiment", "tiny_model",
+    "mlflow_uri", "experiment", "tiny_model", "point",
 )
 
 
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=None, help="a lada-train YAML config to start from")
     g.add_argument("--tiny-model", action="store_true", default=None, help="use the small random-init model lada_core ships (lada-tiny): an offline demo of any space")
     g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="override a config value (repeatable), e.g. --set optim.epochs_scale=0.5")
+    g.add_argument("--point", action="append", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="evaluate this point of the space right after the space's own first points, before the sampler's (repeatable), "
+                        "e.g. --point optim.lr=3e-3,lada.memory_size=8; every name must be one the space suggests, the others keep being sampled")
     g = p.add_argument_group("scheduling")
     g.add_argument("--scheduler", choices=("fifo", "asha"), default=None, help="fifo runs every trial to its last task; asha stops trials that are weak after a task (default: the space's)")
     g.add_argument("--grace-period", type=int, default=None, help="ASHA: tasks every trial runs before it can be stopped (default 1)")
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-concurrent", type=int, default=0, help="at most this many trials at once (0: as many as the resources allow)")
     g.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, each from its last finished task")
     g.add_argument("--time-budget-s", type=float, default=None, help="stop the sweep after this many seconds")
+    g.add_argument("--no-reuse-actors", action="store_true",
+                   help="start a fresh worker process for every trial (each one then imports torch and open_clip and builds the model again); "
+                        "by default a worker runs the node's next trial")
     g = p.add_argument_group("where it runs and what it keeps")
     g.add_argument("--address", default=None, help="a running Ray cluster (host:port, or auto); default: start a local Ray")
     g.add_argument("--local-cpus", type=int, default=None, help="CPUs of the local Ray started without --address (default: all)")
@@ -118,6 +124,7 @@ class Settings:
     mlflow_uri: str
     experiment: str
     tiny_model: bool = False
+    point: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
     cache_key: str | None = None
     cache_path: str | None = None
@@ -257,6 +264,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         mlflow_uri=args.mlflow_uri or default_tracking_uri(),
         experiment=args.experiment or DEFAULT_EXPERIMENT,
         tiny_model=bool(args.tiny_model),
+        point=list(args.point or []),
         created=time.time(),
     )
 
@@ -286,6 +294,58 @@ def base_config(s: Settings) -> Any:
     return from_dict(fixes, cfg) if fixes else cfg
 
 
+def parse_points(items: Sequence[str], suggested: Sequence[str], spec: Any) -> list[dict[str, Any]]:
+    """``--point`` strings (``KEY=VALUE[,KEY=VALUE]``) -> points for Optuna's queue. Every name must be
+    one the space suggests; values are typed by the config (``1e-3`` -> float, ``8`` -> int) and must
+    give a valid config. Raises :class:`UsageError` / ``ConfigError`` with one line."""
+    from lada_core.config import ConfigError, parse_set
+
+    points = []
+    for item in items:
+        shown = item if len(item) <= 120 and item.isprintable() else repr(item[:120])
+        point: dict[str, Any] = {}
+        for part in (x.strip() for x in item.split(",")):
+            if not part:
+                continue
+            try:
+                key, value = parse_set(part)
+            except ConfigError as exc:
+                raise UsageError(f"--point {shown}: {str(exc).replace('--set ', '')}") from None
+            if key not in suggested:
+                names = ", ".join(suggested) or "none"
+                key_shown = key if len(key) <= 80 and key.isprintable() else repr(key[:80])
+                raise UsageError(f"--point {shown}: {key_shown} is not a parameter of the space (it suggests: {names}); use --set for fixed settings")
+            if key in point:
+                raise UsageError(f"--point {shown}: {key} is given twice")
+            point[key] = value
+        if not point:
+            raise UsageError(f"--point {shown}: expected KEY=VALUE[,KEY=VALUE]")
+        try:
+            flat = spec.config(point).flat()
+        except ConfigError as exc:
+            raise UsageError(f"--point {shown}: {exc}") from None
+        points.append({k: flat[k] for k in point})
+    return points
+
+
+def suggested_names(space: Any, seed: int = 0) -> list[str]:
+    """The parameter names a space suggests (from one sample of a throwaway study)."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    finally:
+        optuna.logging.set_verbosity(level)
+    names: set[str] = set()
+    for _ in range(16):  # a conditional space suggests different names on different branches
+        trial = study.ask()
+        space.fn(trial)
+        names |= set(trial.params)
+    return sorted(names)
+
+
 def check_inputs(s: Settings) -> tuple[Any, Any, Any]:
     """Everything that can be checked without Ray: returns (space, objective, TrialSpec)."""
     import optuna
@@ -313,6 +373,7 @@ def check_inputs(s: Settings) -> tuple[Any, Any, Any]:
     finally:
         optuna.logging.set_verbosity(level)
     samples = [dict(p) for p in space.points_to_evaluate()]
+    samples += parse_points(s.point, suggested_names(space, s.seed), spec)
     for _ in range(3):
         samples.append(space.sample(study.ask()))
     for sample in samples:
@@ -370,15 +431,24 @@ def build_cache(s: Settings, spec: Any, encode_on: str) -> tuple[Any, Any]:
     return info, bundle
 
 
-def open_parent_run(s: Settings, benchmark: str, info: Any) -> tuple[Any, str, str]:
-    """The sweep's parent run (created once; reopened on --resume)."""
-    from mlflow.entities import Param, RunTag
+def mlflow_experiment(s: Settings) -> tuple[Any, str]:
+    """A client and the sweep's experiment (created if needed: a new sqlite store creates its tables,
+    seconds, which :func:`_run_sweep` overlaps with the start of a local Ray)."""
     from mlflow.tracking import MlflowClient
 
-    from sweeps.tracking import SWEEP_TAG, get_or_create_experiment, git_commit
+    from sweeps.tracking import get_or_create_experiment
 
     client = MlflowClient(s.mlflow_uri)
-    exp_id = get_or_create_experiment(client, s.experiment, s.mlflow_uri)
+    return client, get_or_create_experiment(client, s.experiment, s.mlflow_uri)
+
+
+def open_parent_run(s: Settings, benchmark: str, info: Any, prepared: tuple[Any, str] | None = None) -> tuple[Any, str, str]:
+    """The sweep's parent run (created once; reopened on --resume)."""
+    from mlflow.entities import Param, RunTag
+
+    from sweeps.tracking import SWEEP_TAG, git_commit
+
+    client, exp_id = prepared or mlflow_experiment(s)
     if s.parent_run_id:
         try:
             run = client.get_run(s.parent_run_id)
@@ -446,8 +516,30 @@ def _run_sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"sweep {s.name!r} already exists in {s.storage}: pass --resume to continue it, or choose another --name")
     if not args.resume and _study_file_exists(s.study_storage) and study_exists(open_storage(s.study_storage), s.name):
         raise UsageError(f"an Optuna study named {s.name!r} already exists in {s.study_storage}: pass --resume or choose another --name")
+    if not is_uri(folder):
+        from sweeps.storage import check_writable
 
+        check_writable(folder)  # a read-only or impossible results folder: one line, before anything runs
+    extra_points = parse_points(s.point, suggested_names(space, s.seed), spec)
+    if s.mlflow_uri.startswith(("http://", "https://")):
+        # MLflow's defaults retry an unreachable server for minutes per call; the tracker has its own
+        # retry policy (and Ray's results to catch up from), so fail each call fast.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a line per closed run
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retry notes; ours say it once
+
+    phases = {"inputs": time.time()}  # when each set-up step ended (for the summary's set-up breakdown)
+    mlflow_ready = None
+    if not args.address:  # a local Ray takes seconds to start: prepare the MLflow store meanwhile
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lada-mlflow-setup")
+        mlflow_ready = pool.submit(mlflow_experiment, s)
+        pool.shutdown(wait=False)
     _connect_ray(args, s)
+    phases["ray_start"] = time.time()
     try:
         cluster = ray.cluster_resources()
         gpus = s.gpus_per_trial if s.gpus_per_trial is not None else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
@@ -456,13 +548,19 @@ def _run_sweep(args: argparse.Namespace) -> int:
         check_cluster(s.cpus_per_trial, gpus)
 
         info, bundle = build_cache(s, spec, args.encode_on)
+        phases["cache"] = time.time()
         s.cache_key, s.cache_path = info.key, str(info.path)
         s.num_tasks = len(bundle.tasks)
         s.dataset_names = list(bundle.task_names)
         from dataclasses import replace
 
         spec = replace(spec, cache_path=str(info.path), results_dir=None if is_uri(folder) else folder)
-        client, exp_id, parent = open_parent_run(s, spec.config({}).data.benchmark, info)
+        try:
+            prepared = mlflow_ready.result() if mlflow_ready is not None else None
+            client, exp_id, parent = open_parent_run(s, spec.config({}).data.benchmark, info, prepared)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"MLflow at {s.mlflow_uri}: could not open the sweep's parent run ({first}); start the tracking server or choose another --mlflow-uri") from None
         s.parent_run_id = parent
         save_settings(s)
         print(f"lada-sweep: {s.name}: space {s.space}, {s.num_samples} trials, objective {objective.name} ({s.mode}), "
@@ -472,9 +570,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
         from sweeps.objective import OBJECTIVE
         from sweeps.tracking import MlflowTracker
 
+        phases["mlflow_parent"] = time.time()
         storage = open_storage(s.study_storage)
         searcher = LadaOptunaSearch(
-            space.fn, metric=OBJECTIVE, mode=s.mode, points_to_evaluate=space.points_to_evaluate(),
+            space.fn, metric=OBJECTIVE, mode=s.mode, points_to_evaluate=[*space.points_to_evaluate(), *extra_points],
             sampler=make_sampler(s.seed), study_name=s.name, storage=storage,
         )
         if s.scheduler == "asha":
@@ -491,13 +590,17 @@ def _run_sweep(args: argparse.Namespace) -> int:
             from ray.tune.schedulers import FIFOScheduler
 
             scheduler = FIFOScheduler()
+        from sweeps.storage import StorageGuard
+
         tracker = MlflowTracker(s.mlflow_uri, exp_id, parent, sweep_name=s.name, spec=spec, extra_tags={"lada.space": s.space})
+        guard = StorageGuard(folder)
         trainable = tune.with_resources(tune.with_parameters(lada_trainable, spec=spec), {"cpu": s.cpus_per_trial, "gpu": gpus})
         concurrency = effective_concurrency(s, args.max_concurrent, cluster, gpus)
         run_config = tune.RunConfig(
             name=s.name,
             storage_path=s.storage,
-            callbacks=[tracker],
+            callbacks=[tracker, guard],
+            stop=guard,  # only used when Tune's interrupt handler is missing (see sweeps.storage)
             # Each task checkpoint holds the whole state: keep the last two (Tune forces an experiment
             # snapshot every num_to_keep trial checkpoints, so 1 would snapshot at every task).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -513,22 +616,42 @@ def _run_sweep(args: argparse.Namespace) -> int:
             max_concurrent_trials=args.max_concurrent or None,
             time_budget_s=args.time_budget_s,
             # A trial's process keeps torch/open_clip imported for the next trial (seconds per trial).
-            reuse_actors=True,
+            reuse_actors=not getattr(args, "no_reuse_actors", False),
         )
         t_fit = time.time()
-        if args.resume and tune.Tuner.can_restore(folder):
-            tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
-            _apply_runtime_overrides(tuner, args)
-        else:
-            if args.resume:  # stopped before Tune saved any state: start over, closing what it left
-                searcher.fail_orphans()
-            tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
-        grid = tuner.fit()
+        tuner = None
+        guard.install_filters()
+        try:
+            if args.resume and tune.Tuner.can_restore(folder):
+                tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
+                _apply_runtime_overrides(tuner, args)
+            else:
+                if args.resume:  # stopped before Tune saved any state: start over, closing what it left
+                    searcher.fail_orphans()
+                tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+            grid = tuner.fit()
+        except Exception as exc:
+            from sweeps.storage import describe
+
+            found = describe(exc, folder)
+            if found is None:
+                raise
+            guard.message = guard.message or found  # after fit: nothing left to interrupt
+            grid = None
+        finally:
+            used_guard = (_callback_of(tuner, StorageGuard) if tuner is not None else None) or guard
+            for g in {id(guard): guard, id(used_guard): used_guard}.values():
+                g.remove_filters()
         t_end = time.time()
+        used = (_tracker_of(tuner) if tuner is not None else None) or tracker
+        if used_guard.tripped or guard.tripped:
+            return storage_stop(s, grid, client, parent, used, used_guard.message or guard.message or "", t_start, t_fit, t_end)
         summary = summarize(s, grid, objective, t_start, t_fit, t_end, concurrency)
-        used = _tracker_of(tuner) or tracker
+        marks = [("start", t_start), *phases.items(), ("optuna_and_tune", t_fit)]
+        summary["setup_phases_s"] = {name: round(t - marks[i - 1][1], 3) for i, (name, t) in enumerate(marks) if i > 0}
         summary["mlflow_callback_s"] = used.seconds
         summary["mlflow_calls"] = used.calls
+        summary["mlflow_unsent"] = list(used.unsent())
         finish_parent(s, client, parent, summary, spec, storage)
         print_summary(summary)
         return 0 if summary["completed"] > 0 else 1
@@ -540,11 +663,43 @@ def _tracker_of(tuner: Any) -> Any:
     """The MLflow callback Tune actually ran (a restored Tuner runs its own unpickled copy)."""
     from sweeps.tracking import MlflowTracker
 
+    return _callback_of(tuner, MlflowTracker)
+
+
+def _callback_of(tuner: Any, cls: type) -> Any:
     internal = getattr(tuner, "_local_tuner", None)
     for cb in getattr(getattr(internal, "_run_config", None), "callbacks", None) or []:
-        if isinstance(cb, MlflowTracker):
+        if isinstance(cb, cls):
             return cb
     return None
+
+
+def storage_stop(s: Settings, grid: Any, client: Any, parent: str, tracker: Any, message: str,
+                 t_start: float, t_fit: float, t_end: float) -> int:
+    """The sweep was stopped by a storage failure: one line naming the path, what is kept, how to
+    continue; the parent run says why. Nothing more is written to the results folder."""
+    from mlflow.entities import RunTag
+
+    from sweeps.storage import EXIT_STORAGE
+
+    rows = trial_rows(grid, s.num_tasks or 0, interrupted=True) if grid is not None else []
+    done = sum(1 for r in rows if r["outcome"] in ("completed", "pruned"))
+    try:
+        client.log_batch(parent, tags=[RunTag("lada.error", message[:4000]), RunTag("lada.stopped", "storage")])
+        client.set_terminated(parent, status="FAILED")
+    except Exception:
+        pass
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    if rows:
+        print(f"sweep {s.name}: {len(rows)} trials ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) "
+              f"after {t_end - t_start:.1f}s", file=sys.stdout)
+    storage_flag = f" --storage {s.storage}" if s.storage != str(Path(DEFAULT_STORAGE).resolve()) else ""
+    print(f"lada-sweep: error: {message}: the sweep stopped; its {done} finished trials are kept in {s.folder}; "
+          f"free space (or make the folder writable) and continue with: lada-sweep --resume --name {s.name}{storage_flag}",
+          file=sys.stderr, flush=True)
+    return EXIT_STORAGE
 
 
 def _study_file_exists(url: str) -> bool:
@@ -569,17 +724,21 @@ def _apply_runtime_overrides(tuner: Any, args: argparse.Namespace) -> None:
     internal._run_config.failure_config.max_failures = args.max_failures
 
 
-def trial_rows(grid: Any, num_tasks: int) -> list[dict[str, Any]]:
-    """One row per trial of a ResultGrid: id, status, outcome, objective, params, times."""
+def trial_rows(grid: Any, num_tasks: int, interrupted: bool = False) -> list[dict[str, Any]]:
+    """One row per trial of a ResultGrid: id, status, outcome, objective, params, times.
+    ``interrupted``: the sweep was stopped (storage failure), so an unfinished trial is "stopped"."""
     from lada_core import metrics as M
     from sweeps.objective import OBJECTIVE
+    from sweeps.storage import STORAGE_ERROR
     from sweeps.trainable import DIVERGED, NODE_ID, TASK_SECONDS, TASKS_DONE
 
     rows = []
     for r in grid:
         m = r.metrics or {}
         done = int(m.get(TASKS_DONE, 0) or 0)
-        if r.error is not None:
+        if m.get(STORAGE_ERROR) or (interrupted and done < num_tasks and not m.get(DIVERGED)):
+            outcome = "stopped"
+        elif r.error is not None:
             outcome = "failed"
         elif m.get(DIVERGED):
             outcome = "diverged"
@@ -623,6 +782,9 @@ def summarize(s: Settings, grid: Any, objective: Any, t_start: float, t_fit: flo
         "best": best,
         "rows": rows,
         "wall_s": t_end - t_start,
+        "t_start": t_start,
+        "t_fit": t_fit,
+        "t_end": t_end,
         "fit_wall_s": fit_wall,
         "setup_s": t_fit - t_start,
         "trial_time_sum_s": trial_time,
@@ -638,39 +800,56 @@ def summarize(s: Settings, grid: Any, objective: Any, t_start: float, t_fit: flo
 
 def finish_parent(s: Settings, client: Any, parent: str, summary: dict[str, Any], spec: Any, storage: Any) -> None:
     """Best config YAML (next to the results and on the parent run), best value, importances."""
-    from mlflow.entities import Metric, RunTag
-
     from lada_core.config import config_to_yaml
 
     best = summary["best"]
-    _write_text(join_path(s.folder, SUMMARY_FILE), json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+    yaml_text = config_to_yaml(spec.config(best["config"])) if best is not None else None
+    try:
+        _write_text(join_path(s.folder, SUMMARY_FILE), json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+        if yaml_text is not None:
+            _write_text(join_path(s.folder, BEST_CONFIG), yaml_text)
+    except OSError as exc:
+        from sweeps.storage import describe
+
+        print(f"lada-sweep: warning: summary not written ({describe(exc, s.folder) or exc})", file=sys.stderr)
+    fig = None
+    try:
+        from sweeps.report import importance_figure, load_study_for
+
+        fig = importance_figure(load_study_for(s.study_storage, s.name))
+    except Exception as exc:  # too few finished trials, constant parameters
+        logging.getLogger(__name__).info("no importances: %s", exc)
+    try:
+        write_parent_end(client, parent, summary, yaml_text, fig)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        print(f"lada-sweep: warning: MLflow parent run not updated ({first}); once MLflow is reachable: "
+              f"python -m sweeps.report --name {s.name} --storage {s.storage} --sync-mlflow", file=sys.stderr)
+
+
+def write_parent_end(client: Any, parent: str, summary: dict[str, Any], yaml_text: str | None, importance_fig: Any = None) -> None:
+    """Close the sweep's parent run: counts, wall time, overhead, best value and config, importances."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    best = summary.get("best")
     metrics = [
-        Metric("trials_completed", float(summary["completed"]), int(time.time() * 1000), 0),
-        Metric("sweep_wall_s", float(summary["wall_s"]), int(time.time() * 1000), 0),
-        Metric("overhead_share", float(summary["overhead_share"]), int(time.time() * 1000), 0),
+        Metric("trials_completed", float(summary["completed"]), now, 0),
+        Metric("sweep_wall_s", float(summary["wall_s"]), now, 0),
+        Metric("overhead_share", float(summary["overhead_share"]), now, 0),
     ]
     tags = [RunTag("lada.outcomes", json.dumps(summary["outcomes"]))]
-    try:
-        if best is not None:
-            yaml_text = config_to_yaml(spec.config(best["config"]))
-            _write_text(join_path(s.folder, BEST_CONFIG), yaml_text)
-            metrics.append(Metric(f"best_{summary['objective'] if ',' not in summary['objective'] else 'objective'}", float(best["objective"]), int(time.time() * 1000), 0))
-            tags.append(RunTag("lada.best_trial_id", str(best["trial_id"])))
+    if best is not None:
+        name = summary["objective"] if "," not in summary["objective"] else "objective"
+        metrics.append(Metric(f"best_{name}", float(best["objective"]), now, 0))
+        tags.append(RunTag("lada.best_trial_id", str(best["trial_id"])))
+        if yaml_text is not None:
             client.log_text(parent, yaml_text, BEST_CONFIG)
-        client.log_batch(parent, metrics=metrics, tags=tags)
-        client.log_dict(parent, {k: v for k, v in summary.items() if k != "rows"}, SUMMARY_FILE)
-        try:
-            from sweeps.report import importance_figure, load_study_for
-
-            study = load_study_for(s.study_storage, s.name)
-            fig = importance_figure(study)
-            if fig is not None:
-                client.log_figure(parent, fig, "param_importances.png")
-        except Exception as exc:  # too few finished trials, constant parameters
-            logging.getLogger(__name__).info("no importances: %s", exc)
-        client.set_terminated(parent, status="FINISHED")
-    except Exception as exc:
-        print(f"lada-sweep: warning: MLflow parent run not updated ({exc})", file=sys.stderr)
+    client.log_batch(parent, metrics=metrics, tags=tags)
+    client.log_dict(parent, {k: v for k, v in summary.items() if k != "rows"}, SUMMARY_FILE)
+    if importance_fig is not None:
+        client.log_figure(parent, importance_fig, "param_importances.png")
+    client.set_terminated(parent, status="FINISHED")
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -696,10 +875,15 @@ def print_summary(summary: dict[str, Any]) -> None:
             file=out,
         )
     print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}  (parent run {summary['parent_run_id']})", file=out)
+    pending, deferred = summary.get("mlflow_unsent") or (0, 0)
+    if pending or deferred:
+        print(f"MLflow was unreachable: {pending} metric points and {deferred} trial ends are not in it yet (Ray's results hold them); "
+              f"once it is back: python -m sweeps.report --name {summary['name']} --storage {Path(summary['folder']).parent} --sync-mlflow", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lada-sweep``; returns the exit code (2: bad input, 1: no trial completed)."""
+    """Entry point of ``lada-sweep``; returns the exit code (2: bad input, 1: no trial completed,
+    3: the results folder could not be written - disk full, read-only - and the sweep stopped)."""
     t0 = time.time()  # the sweep's wall time counts from here (the heavy imports are lazy)
     from lada_core.backbone import BackboneError
     from lada_core.benchmarks import DataError
@@ -707,6 +891,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from search_spaces import UnknownSpaceError
     from sweeps.objective import MetricError
     from sweeps.resources import ResourceError
+    from sweeps.storage import EXIT_STORAGE, StorageError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -716,6 +901,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, UnknownSpaceError, MetricError, ConfigError, ResourceError, DataError, BackboneError) as exc:
         print(f"lada-sweep: error: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:
+        print(f"lada-sweep: error: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
     except KeyboardInterrupt:
         print("lada-sweep: interrupted; continue with --resume --name <name>", file=sys.stderr)
         return 130

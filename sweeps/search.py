@@ -93,10 +93,22 @@ class LadaOptunaSearch(OptunaSearch):
         return self._ot_study
 
     def suggest(self, trial_id: str) -> dict | None:
-        params = super().suggest(trial_id)
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None:
-            ot_trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
+        try:
+            params = super().suggest(trial_id)
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None:
+                ot_trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
+        except Exception as exc:
+            # The study's storage (next to the results) on a full or read-only disk. Returning None
+            # would leave Tune waiting for a suggestion (it blocks when no trial runs): end the run
+            # instead; lada-sweep reports it in one line, trials stay resumable.
+            from sweeps.storage import StorageError, describe, report_failure
+
+            found = describe(exc)
+            if found is None:
+                raise
+            report_failure(exc)
+            raise StorageError(f"{found} (the Optuna study)") from exc
         return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -9,7 +9,12 @@ resolved config as YAML, its final checkpoint, and the outcome (completed, prune
 
 Logging is batched: metrics are queued and sent with ``log_batch`` (up to 1000 per call) when the
 queue is large or a few seconds old, and at every trial end. If the tracking server is unreachable,
-the queue is kept and retried; the sweep goes on (Ray's results stay the source of truth).
+the sweep goes on (Ray's results stay the source of truth): the first failed call marks MLflow down
+for ``retry_after_s``, during which no call is tried (none blocks Tune's loop); queued metrics and
+trial ends are kept and sent once a retry succeeds, runs of trials that started meanwhile are created
+then and filled from the trial's ``result.json``. Whatever is still unsent when the sweep ends is
+written later by ``python -m sweeps.report --name NAME --sync-mlflow`` (:func:`sync_sweep`), which
+compares MLflow with Ray's results and writes only what is missing.
 
 Ray's stock ``MLflowLoggerCallback`` opens unnested runs and, after ``Tuner.restore``, second runs for
 resumed trials. Here the trial -> run mapping is part of the callback state (``get_state`` /
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import subprocess
 import tempfile
@@ -151,6 +157,7 @@ class MlflowTracker(Callback):
         log_checkpoint: bool = True,
         extra_tags: Mapping[str, str] | None = None,
         background: bool = True,
+        retry_after_s: float = 30.0,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -162,6 +169,7 @@ class MlflowTracker(Callback):
         self.log_checkpoint = log_checkpoint
         self.extra_tags = dict(extra_tags or {})
         self.background = background
+        self.retry_after_s = retry_after_s
         # Persistent state (get_state / set_state).
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.last_step: dict[str, int] = {}  # trial id -> last task index logged
@@ -178,6 +186,9 @@ class MlflowTracker(Callback):
         self._executor: Any = None
         self._futures: list[Any] = []
         self._lock = threading.Lock()
+        self._down_until = 0.0  # monotonic time before which MLflow is not tried (after a failure)
+        self._down_since: float | None = None
+        self._deferred: dict[str, tuple[Any, str, str, str]] = {}  # trial id -> a finish not written yet
         self.calls = 0  # MLflow requests made (for the overhead figures)
         self.seconds = 0.0  # driver time spent in this callback (MLflow calls, artifacts, plots)
 
@@ -193,6 +204,9 @@ class MlflowTracker(Callback):
         state["calls"] = 0
         state["_executor"] = None
         state["_futures"] = []
+        state["_down_until"] = 0.0
+        state["_down_since"] = None
+        state["_deferred"] = {}
         state.pop("_lock", None)
         return state
 
@@ -218,6 +232,34 @@ class MlflowTracker(Callback):
         self.finished = set(state.get("finished", []))
         self._synced = set()
 
+    # -- availability ----------------------------------------------------------------------------
+    def available(self) -> bool:
+        """False while MLflow is considered down (a call failed less than ``retry_after_s`` ago)."""
+        return time.monotonic() >= self._down_until
+
+    def _mark_down(self, exc: BaseException) -> None:
+        first = self._down_since is None
+        self._down_until = time.monotonic() + self.retry_after_s
+        if first:
+            self._down_since = time.time()
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            logger.warning(
+                "MLflow at %s is unreachable (%s); the sweep goes on, Ray keeps every result; retrying every %.0fs "
+                "(anything still missing at the end: python -m sweeps.report --name %s --sync-mlflow)",
+                self.tracking_uri, text, self.retry_after_s, self.sweep_name or "NAME",
+            )
+
+    def _mark_up(self) -> None:
+        if self._down_since is not None:
+            logger.warning("MLflow at %s is reachable again; sending what was queued", self.tracking_uri)
+        self._down_since = None
+        self._down_until = 0.0
+
+    def unsent(self) -> tuple[int, int]:
+        """(metric points queued, trial ends not written) - nonzero only if MLflow was unreachable."""
+        with self._lock:
+            return len(self._pending), len(self._deferred)
+
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
@@ -227,10 +269,10 @@ class MlflowTracker(Callback):
         return self._client
 
     # -- runs ------------------------------------------------------------------------------------
-    def _existing_children(self) -> dict[str, str]:
-        """Child runs of the parent by trial id (found once per driver process)."""
+    def _existing_children(self) -> dict[str, str] | None:
+        """Child runs of the parent by trial id (found once per driver process; None if MLflow failed)."""
         if self._children is None:
-            self._children = {}
+            children: dict[str, str] = {}
             try:
                 runs = self.client.search_runs(
                     [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'", max_results=5000
@@ -239,17 +281,25 @@ class MlflowTracker(Callback):
                 for r in sorted(runs, key=lambda r: r.info.start_time or 0):
                     tid = r.data.tags.get(TRIAL_ID_TAG)
                     if tid:
-                        self._children.setdefault(tid, r.info.run_id)
+                        children.setdefault(tid, r.info.run_id)
             except Exception as exc:
-                logger.warning("MLflow: could not list the sweep's runs: %s", exc)
-                self._children = None
-                return {}
+                self._mark_down(exc)
+                return None
+            self._children = children
         return self._children
 
     def run_id_for(self, trial: Trial) -> str | None:
-        """The trial's child run: the known one, a run tagged with its id, or a new one."""
+        """The trial's child run: the known one, a run tagged with its id, or a new one (None while
+        MLflow is unreachable: it is created, and filled from Ray's results, once it is back)."""
         tid = trial.trial_id
-        run_id = self.runs.get(tid) or self._existing_children().get(tid)
+        if not self.available():
+            return self.runs.get(tid)
+        run_id = self.runs.get(tid)
+        if run_id is None:
+            children = self._existing_children()
+            if children is None:  # unknown whether the trial has a run: never create a second one
+                return None
+            run_id = children.get(tid)
         try:
             if run_id is None:
                 from mlflow.entities import Param, RunTag
@@ -266,6 +316,11 @@ class MlflowTracker(Callback):
                     self.client.log_batch(run_id, params=params[i : i + 100], tags=[RunTag("lada.trial_name", str(trial))] if i == 0 else [])
                     self.calls += 1
                 self._synced.add(tid)
+                self.runs[tid] = run_id
+                if self._children is not None:
+                    self._children[tid] = run_id
+                # A run created late (MLflow was down when the trial started): the steps so far.
+                self._backfill(trial, run_id)
             elif tid not in self._synced:
                 # A resumed trial: continue its run; never log a task step twice.
                 run = self.client.get_run(run_id)
@@ -281,15 +336,17 @@ class MlflowTracker(Callback):
                 self.runs[tid] = run_id
                 self._backfill(trial, run_id)
         except Exception as exc:
-            logger.warning("MLflow: could not open the run of trial %s: %s", tid, exc)
+            self._mark_down(exc)
+            logger.info("MLflow: could not open the run of trial %s: %s", tid, exc)
             return self.runs.get(tid)
+        self._mark_up()
         self.runs[tid] = run_id
         return run_id
 
     # -- Tune hooks ----------------------------------------------------------------------------
     @_timed
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        if self._orphans_checked:
+        if self._orphans_checked or not self.available():
             return
         self._orphans_checked = True
         try:
@@ -298,7 +355,8 @@ class MlflowTracker(Callback):
             if closed:
                 logger.info("MLflow: closed %d runs of trials that a stopped driver never saved", len(closed))
         except Exception as exc:
-            logger.warning("MLflow: could not check for orphaned runs: %s", exc)
+            self._mark_down(exc)
+            self._orphans_checked = False
 
     @_timed
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -332,19 +390,25 @@ class MlflowTracker(Callback):
     @_timed
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         tid = trial.trial_id
+        if M.TASK_INDEX not in result:
+            return
+        self._record_row(tid, result)  # the matrix, even while MLflow is unreachable
         run_id = self.runs.get(tid) or self.run_id_for(trial)
-        if run_id is None or M.TASK_INDEX not in result:
+        if run_id is None:
             return
         self._queue(tid, run_id, result)
         if len(self._pending) >= self.flush_size:
             self.flush()
 
-    def _queue(self, tid: str, run_id: str, result: Mapping[str, Any]) -> None:
-        step = int(result[M.TASK_INDEX])
+    def _record_row(self, tid: str, result: Mapping[str, Any]) -> None:
         accs = [k for k in result if k.startswith(ACC_PREFIX)]
         if accs:
             self.columns.setdefault(tid, [k[len(ACC_PREFIX):] for k in accs])
-            self.rows.setdefault(tid, {})[step] = [float(result[k]) for k in accs]
+            self.rows.setdefault(tid, {})[int(result[M.TASK_INDEX])] = [float(result[k]) for k in accs]
+
+    def _queue(self, tid: str, run_id: str, result: Mapping[str, Any]) -> None:
+        step = int(result[M.TASK_INDEX])
+        self._record_row(tid, result)
         if step <= self.last_step.get(tid, -1):
             return
         from mlflow.entities import Metric
@@ -358,8 +422,16 @@ class MlflowTracker(Callback):
 
     @_timed
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if self._deferred and self.available():
+            self._retry_deferred()
         if self._pending and time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
+
+    def _retry_deferred(self) -> None:
+        with self._lock:
+            deferred, self._deferred = dict(self._deferred), {}
+        for trial, status, outcome, message in deferred.values():
+            self.finish(trial, status, outcome, message)
 
     @_timed
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -385,9 +457,22 @@ class MlflowTracker(Callback):
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.flush()
         self.drain()
+        if self._deferred or self._pending:
+            # MLflow was down: one last try now, whatever the retry timer says.
+            self._down_until = 0.0
+            self._retry_deferred()
+            self.flush()
+            self.drain()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        pending, deferred = self.unsent()
+        if pending or deferred:
+            logger.warning(
+                "MLflow at %s: %d metric points and %d trial ends were not written (unreachable); Ray's results hold them: "
+                "python -m sweeps.report --name %s --sync-mlflow writes them once MLflow is back",
+                self.tracking_uri, pending, deferred, self.sweep_name or "NAME",
+            )
 
     # -- writing ---------------------------------------------------------------------------------
     # -- writing (on one background thread: MLflow I/O stays off Tune's driver loop) -------------
@@ -415,6 +500,8 @@ class MlflowTracker(Callback):
         """Send the queued metrics (grouped per run, 1000 per call). False if MLflow failed (the
         metrics stay queued for a retry); with ``background`` the sending is queued and True returned."""
         self._last_flush = time.monotonic()
+        if not self.available():
+            return False  # kept queued until a retry
         with self._lock:
             batch, self._pending = self._pending, []
         if not batch:
@@ -436,17 +523,24 @@ class MlflowTracker(Callback):
                     self.calls += 1
             except Exception as exc:
                 ok = False
-                logger.warning("MLflow: could not log %d metrics of run %s (kept for a retry): %s", len(items), run_id, exc)
+                self._mark_down(exc)
+                logger.info("MLflow: could not log %d metrics of run %s (kept for a retry): %s", len(items), run_id, exc)
                 with self._lock:
                     self._pending[:0] = [(run_id, m) for m in items]
+        if ok:
+            self._mark_up()
         return ok
 
     def finish(self, trial: Trial, status: str, outcome: str, message: str = "") -> None:
-        """End a trial's run: flush, matrix artifacts, config, checkpoint, outcome tags, status."""
+        """End a trial's run: flush, matrix artifacts, config, checkpoint, outcome tags, status. While
+        MLflow is unreachable the end is kept and written when a retry succeeds."""
         tid = trial.trial_id
+        self.finished.add(tid)
         run_id = self.runs.get(tid) or self.run_id_for(trial)
         self.flush()
-        if run_id is None:
+        if run_id is None or not self.available():
+            with self._lock:
+                self._deferred[tid] = (trial, status, outcome, message)
             return
         # Everything read from the trial is taken now; the I/O runs on the MLflow thread.
         rows = dict(self.rows.get(tid) or {})
@@ -460,45 +554,72 @@ class MlflowTracker(Callback):
             except Exception as exc:  # an invalid sample: the trial failed for that reason
                 logger.debug("no config.yaml for %s: %s", tid, exc)
         checkpoint = trial.checkpoint if self.log_checkpoint else None
-        tags = {OUTCOME_TAG: outcome}
-        result = trial.last_result or {}
-        if TASKS_DONE in result:
-            tags["lada.tasks_done"] = str(result[TASKS_DONE])
-        if message:
-            tags["lada.error"] = message[:4000]
-        self.finished.add(tid)
-        self._submit(self._finish_io, tid, run_id, status, tags, rows, names, config_yaml, checkpoint)
+        tags = outcome_tags(outcome, (trial.last_result or {}).get(TASKS_DONE), message)
+        self._submit(self._finish_io, trial, run_id, status, outcome, message, tags, rows, names, config_yaml, checkpoint)
 
-    def _finish_io(self, tid: str, run_id: str, status: str, tags: dict[str, str], rows: dict[int, list[float]],
-                   names: list[str], config_yaml: str | None, checkpoint: Any) -> None:
-        from mlflow.entities import RunTag
-
+    def _finish_io(self, trial: Trial, run_id: str, status: str, outcome: str, message: str, tags: dict[str, str],
+                   rows: dict[int, list[float]], names: list[str], config_yaml: str | None, checkpoint: Any) -> None:
+        tid = trial.trial_id
         tmp = Path(tempfile.mkdtemp(prefix="lada-mlflow-"))
         try:
-            if rows and names:
-                ordered = [rows[k] for k in sorted(rows)]
-                lines = ["step," + ",".join(names)]
-                for k in sorted(rows):
-                    lines.append(f"{names[k] if k < len(names) else k}," + ",".join(f"{v:.4f}" for v in rows[k]))
-                (tmp / MATRIX_CSV).write_text("\n".join(lines) + "\n")
-                heatmap_figure(ordered, names).savefig(tmp / MATRIX_PNG, dpi=100)
-            if config_yaml is not None:
-                (tmp / "config.yaml").write_text(config_yaml)
-            if any(tmp.iterdir()):
-                self.client.log_artifacts(run_id, str(tmp))
-                self.calls += 1
+            ckpt_dir = None
             if checkpoint is not None:
                 ckpt_dir = tmp / "checkpoint"
                 checkpoint.to_directory(str(ckpt_dir))
-                self.client.log_artifacts(run_id, str(ckpt_dir), artifact_path="checkpoint")
-                self.calls += 1
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            self.client.set_terminated(run_id, status=status)
-            self.calls += 2
+            self.calls += write_trial_end(self.client, run_id, status, tags, rows, names, config_yaml, ckpt_dir)
+            self._mark_up()
         except Exception as exc:
-            logger.warning("MLflow: could not finish the run of trial %s: %s", tid, exc)
+            self._mark_down(exc)
+            logger.info("MLflow: could not finish the run of trial %s (kept for a retry): %s", tid, exc)
+            with self._lock:
+                self._deferred[tid] = (trial, status, outcome, message)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def outcome_tags(outcome: str, tasks_done: Any, message: str = "") -> dict[str, str]:
+    """The tags that close a trial's run: its outcome, tasks done and, for a failure, the reason."""
+    tags = {OUTCOME_TAG: outcome}
+    if tasks_done is not None:
+        tags["lada.tasks_done"] = str(tasks_done)
+    if message:
+        tags["lada.error"] = message[:4000]
+    return tags
+
+
+def matrix_csv(rows: Mapping[int, Sequence[float]], names: Sequence[str]) -> str:
+    lines = ["step," + ",".join(names)]
+    for k in sorted(rows):
+        lines.append(f"{names[k] if k < len(names) else k}," + ",".join(f"{v:.4f}" for v in rows[k]))
+    return "\n".join(lines) + "\n"
+
+
+def write_trial_end(client: MlflowClient, run_id: str, status: str, tags: Mapping[str, str], rows: Mapping[int, Sequence[float]],
+                    names: Sequence[str], config_yaml: str | None, checkpoint_dir: str | Path | None) -> int:
+    """Write a trial's end to its run (matrix CSV and heatmap, config YAML, checkpoint folder, tags,
+    status); returns the number of MLflow calls. Idempotent: artifacts are overwritten in place."""
+    from mlflow.entities import RunTag
+
+    calls = 0
+    tmp = Path(tempfile.mkdtemp(prefix="lada-mlflow-"))
+    try:
+        if rows and names:
+            (tmp / MATRIX_CSV).write_text(matrix_csv(rows, names))
+            heatmap_figure([rows[k] for k in sorted(rows)], names).savefig(tmp / MATRIX_PNG, dpi=100)
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        if any(tmp.iterdir()):
+            client.log_artifacts(run_id, str(tmp))
+            calls += 1
+        if checkpoint_dir is not None and Path(checkpoint_dir).is_dir():
+            client.log_artifacts(run_id, str(checkpoint_dir), artifact_path="checkpoint")
+            calls += 1
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.set_terminated(run_id, status=status)
+        calls += 2
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return calls
 
 
 def _param_value(value: Any) -> str:
@@ -519,3 +640,193 @@ def close_orphans(client: MlflowClient, experiment_id: str, parent_run_id: str, 
             client.set_terminated(r.info.run_id, status="KILLED")
             out.append(r.info.run_id)
     return out
+
+
+# -- catching up with Ray's results (``python -m sweeps.report --sync-mlflow``) ---------------------
+_TRIAL_DIR_ID = re.compile(r"_([0-9a-f]{8}(?:_\d{5})?)_\d+_")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    out = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            out.append(row)
+    return out
+
+
+def stored_trials(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """What Ray holds of every trial of a (local or shared-folder) sweep, by trial id: its folder,
+    result rows, config, newest checkpoint folder and last error line."""
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    for d in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        if not d.is_dir() or not (d / "params.json").is_file() and not (d / "result.json").is_file():
+            continue
+        rows = _read_jsonl(d / "result.json")
+        tid = rows[0].get("trial_id") if rows else None
+        if not tid:
+            m = _TRIAL_DIR_ID.search(d.name)
+            if not m:
+                continue
+            tid = m.group(1)
+        try:
+            config = json.loads((d / "params.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            config = rows[-1].get("config", {}) if rows else {}
+        ckpts = sorted((p for p in d.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+        error = None
+        if (d / "error.txt").is_file():
+            try:
+                lines = [x for x in (d / "error.txt").read_text().splitlines() if x.strip()]
+                error = lines[-1][:4000] if lines else None
+            except OSError:
+                pass
+        out[tid] = {"dir": d, "rows": rows, "config": config, "checkpoint": ckpts[-1] if ckpts else None, "error": error}
+    return out
+
+
+def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
+    """Write to MLflow what it lacks of a sweep, from Ray's results (the source of truth): child runs
+    of trials that have none, task steps not logged yet (by ``task_index`` history: never twice),
+    the end of finished trials whose run was not closed, and the parent run's end once the sweep has
+    a ``summary.json``. A second call writes nothing. Returns counts of what was written."""
+    import json
+
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.search import RAY_TRIAL_ID_ATTR
+
+    log = log or (lambda m: None)
+    counts = {"runs_created": 0, "metrics_logged": 0, "runs_closed": 0, "parent_closed": 0, "duplicate_runs": 0}
+    if not settings.parent_run_id:
+        raise ValueError(f"sweep {settings.name} has no parent run (it stopped before MLflow was reached)")
+    client = MlflowClient(settings.mlflow_uri)
+    parent = client.get_run(settings.parent_run_id)
+    exp_id = parent.info.experiment_id
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{settings.parent_run_id}'", max_results=5000)
+    by_trial: dict[str, Any] = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
+        tid = r.data.tags.get(TRIAL_ID_TAG)
+        if tid in by_trial:
+            counts["duplicate_runs"] += 1
+        elif tid:
+            by_trial[tid] = r
+
+    folder = Path(settings.folder)
+    summary_rows: dict[str, str] = {}
+    summary: dict[str, Any] | None = None
+    if (folder / "summary.json").is_file():
+        summary = json.loads((folder / "summary.json").read_text())
+        summary_rows = {str(r["trial_id"]): r["outcome"] for r in summary.get("rows", [])}
+    study_states: dict[str, str] = {}
+    try:
+        from sweeps.search import load_study
+
+        for t in load_study(settings.study_storage, settings.name).get_trials(deepcopy=False):
+            tid = t.user_attrs.get(RAY_TRIAL_ID_ATTR)
+            if tid:
+                study_states[tid] = t.state.name
+    except Exception as exc:  # no study (yet): outcomes from summary.json only
+        log(f"no Optuna study: {exc}")
+    spec = None
+    try:
+        from sweeps.run import base_config
+        from sweeps.trainable import TrialSpec
+
+        spec = TrialSpec(base_config=base_config(settings).to_dict(), overrides=tuple(settings.set))
+    except Exception as exc:
+        log(f"no config for config.yaml: {exc}")
+
+    for tid, info in stored_trials(folder).items():
+        rows = [r for r in info["rows"] if M.TASK_INDEX in r]
+        last = info["rows"][-1] if info["rows"] else {}
+        outcome = summary_rows.get(tid)
+        if outcome is None:
+            state = study_states.get(tid)
+            if state == "COMPLETE":
+                outcome = "completed"
+            elif state == "PRUNED":
+                outcome = "pruned"
+            elif state == "FAIL":
+                outcome = "diverged" if last.get(DIVERGED) else "failed"
+        if outcome == "not run":
+            outcome = "failed" if info["error"] else None
+        if not rows and outcome is None:
+            continue  # nothing Ray holds that MLflow could lack
+        run = by_trial.get(tid)
+        if run is None:
+            name = info["dir"].name.split("_lada")[0] if "_lada" in info["dir"].name else info["dir"].name[:60]
+            created = client.create_run(exp_id, run_name=name[:250], tags={
+                PARENT_TAG: settings.parent_run_id, TRIAL_ID_TAG: tid, SWEEP_TAG: settings.name, "lada.space": settings.space,
+                "lada.synced_from": "ray-results",
+            })
+            run_id = created.info.run_id
+            params = [Param(str(k), _param_value(v)) for k, v in sorted((info["config"] or {}).items())]
+            for i in range(0, len(params), 100):
+                client.log_batch(run_id, params=params[i : i + 100])
+            counts["runs_created"] += 1
+            logged_steps: set[int] = set()
+            status, tags = "RUNNING", {}
+        else:
+            run_id = run.info.run_id
+            logged_steps = {int(m.step) for m in client.get_metric_history(run_id, M.TASK_INDEX)}
+            status, tags = run.info.status, run.data.tags
+        metrics = []
+        seen: set[int] = set()
+        for r in rows:
+            step = int(r[M.TASK_INDEX])
+            if step in logged_steps or step in seen:
+                continue
+            seen.add(step)
+            ts = int(1000 * float(r.get("timestamp", time.time())))
+            metrics += [Metric(k, v, ts, step) for k, v in step_metrics(r).items()]
+            metrics.append(Metric(M.TASK_INDEX, float(step), ts, step))
+        for i in range(0, len(metrics), MAX_BATCH):
+            client.log_batch(run_id, metrics=metrics[i : i + MAX_BATCH])
+        counts["metrics_logged"] += len(metrics)
+        if outcome is not None and (status == "RUNNING" or OUTCOME_TAG not in tags):
+            matrix: dict[int, list[float]] = {}
+            names: list[str] = []
+            for r in rows:
+                accs = [k for k in r if k.startswith(ACC_PREFIX)]
+                names = names or [k[len(ACC_PREFIX):] for k in accs]
+                matrix[int(r[M.TASK_INDEX])] = [float(r[k]) for k in accs]
+            config_yaml = None
+            if spec is not None:
+                try:
+                    from lada_core.config import config_to_yaml
+
+                    config_yaml = config_to_yaml(spec.config(info["config"] or {}))
+                except Exception:
+                    config_yaml = None
+            message = str(last.get(ERROR) or info["error"] or "") if outcome in ("diverged", "failed") else ""
+            write_trial_end(client, run_id, "FAILED" if outcome in ("diverged", "failed") else "FINISHED",
+                            outcome_tags(outcome, last.get(TASKS_DONE), message), matrix, names, config_yaml, info["checkpoint"])
+            counts["runs_closed"] += 1
+
+    if summary is not None and (parent.info.status == "RUNNING" or "trials_completed" not in parent.data.metrics):
+        from sweeps.run import BEST_CONFIG, write_parent_end
+
+        best_yaml = (folder / BEST_CONFIG).read_text() if (folder / BEST_CONFIG).is_file() else None
+        fig = None
+        try:
+            from sweeps.report import importance_figure, load_study_for
+
+            fig = importance_figure(load_study_for(settings.study_storage, settings.name))
+        except Exception:
+            fig = None
+        write_parent_end(client, settings.parent_run_id, summary, best_yaml, fig)
+        counts["parent_closed"] = 1
+    return counts

@@ -11,6 +11,7 @@ processes of a node, so a node holds one copy whatever the number of trials).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -31,6 +32,44 @@ DIVERGED = "diverged"
 NODE_ID = "node_id"
 WORLD_SIZE = "world_size"
 ERROR = "error_message"
+STORAGE_WAIT_S = 120.0
+"""How long a trial that could not write to storage waits for the driver to stop the sweep."""
+TIMINGS_ENV = "LADA_TRIAL_TIMINGS"
+"""A folder: when set, every trial appends where its time went to ``<folder>/<pid>.jsonl``
+(``bench/sweep_overhead.py``); unset, nothing is measured or written."""
+
+
+class _Timings:
+    """Where a trial's time goes (process start, imports, cache and backbone load, compute, reports)."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.folder = folder
+        self.t: dict[str, Any] = {"enter": time.time(), "pid": os.getpid()}
+        self.report_s = 0.0
+        self.stage_s = 0.0
+        if folder:
+            try:
+                import psutil
+
+                self.t["process_start"] = psutil.Process().create_time()
+            except Exception:
+                pass
+
+    def span(self, key: str, t0: float) -> float:
+        now = time.time()
+        self.t[key] = self.t.get(key, 0.0) + (now - t0)
+        return now
+
+    def write(self, **extra: Any) -> None:
+        if not self.folder:
+            return
+        self.t.update(extra, exit=time.time(), report_s=self.report_s, stage_s=self.stage_s)
+        try:
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.folder) / f"{os.getpid()}.jsonl", "a") as f:
+                f.write(json.dumps(self.t) + "\n")
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -92,31 +131,119 @@ def _task_index(folder: Path) -> int:
     return best
 
 
+def _loadable(task_dir: Path) -> bool:
+    """A complete checkpoint folder: its ``row.json`` parses and its ``state.pt`` loads (an upload
+    cut short by a full disk leaves a truncated copy behind)."""
+    try:
+        json.loads((task_dir / "row.json").read_text())
+        from lada_core.trainer import load_checkpoint
+
+        load_checkpoint(task_dir)
+        return True
+    except Exception:
+        return False
+
+
 def newest_stored_checkpoint(results_dir: str | None, trial_id: str) -> Path | None:
-    """The newest ``task-NNN`` folder this trial persisted under the sweep's folder (local or shared
-    storage). A driver killed between two experiment snapshots restores a trial from an older
+    """The newest complete ``task-NNN`` folder this trial persisted under the sweep's folder (local or
+    shared storage). A driver killed between two experiment snapshots restores a trial from an older
     checkpoint than the trial had written; the newer one on disk saves redoing tasks."""
     if not results_dir:
         return None
-    best: tuple[int, Path] | None = None
+    found: list[tuple[int, Path]] = []
     for trial_dir in Path(results_dir).glob(f"*_{trial_id}_*"):
         for p in trial_dir.glob("checkpoint_*/task-*/state.pt"):
             try:
                 k = int(p.parent.name.split("-")[1])
             except (IndexError, ValueError):
                 continue
-            if best is None or k > best[0]:
-                best = (k, p.parent)
-    return best[1] if best else None
+            found.append((k, p.parent))
+    for _, task_dir in sorted(found, key=lambda kp: kp[0], reverse=True):
+        if _loadable(task_dir):
+            return task_dir
+    return None
+
+
+_KEPT: dict[str, tuple[Any, Any]] = {}  # "bundle" / "backbone" -> (key, object), one of each per process
+
+
+def _kept(kind: str, key: Any, make: Any) -> Any:
+    """The object this worker process built for the previous trial, if it has the same key (Tune
+    reuses a worker for the node's next trial): the memory-mapped cache and the frozen backbone are
+    opened once per process, not once per trial. One of each is kept."""
+    held = _KEPT.get(kind)
+    if held is not None and held[0] == key:
+        return held[1]
+    _KEPT.pop(kind, None)  # drop the old one before building the new one
+    obj = make()
+    _KEPT[kind] = (key, obj)
+    return obj
+
+
+def _bundle_for(spec: TrialSpec) -> Any:
+    if not spec.cache_path:
+        return None
+    from lada_core.features import load_bundle
+
+    return _kept("bundle", spec.cache_path, lambda: load_bundle(spec.cache_path))
+
+
+def _backbone_for(cfg: Any) -> Any:
+    """The frozen backbone (random init is seeded, a checkpoint is fixed: rebuilding gives the same
+    weights; training never changes them). Shared by the trials of a process, one at a time."""
+    from lada_core.backbone import load_backbone
+
+    b = cfg.backbone
+    key = (b.model, b.pretrained, b.model_config_dir)
+    return _kept("backbone", key, lambda: load_backbone(b.model, b.pretrained, device="cpu", model_config_dir=b.model_config_dir))
+
+
+def _limit_threads() -> Any:
+    """Hold the trial to the CPUs Ray gave it (``OMP_NUM_THREADS``, which Ray sets to the trial's CPU
+    count). A worker process that imported torch before Ray set that variable (a preloaded worker,
+    or one that ran something else first) has thread pools sized for the whole machine: two trials
+    would then each run as many threads as there are cores, several times slower (measured: 5x on
+    2 cores). Returns what to undo (None if nothing was set)."""
+    n = os.environ.get("OMP_NUM_THREADS", "")
+    if not n.isdigit() or int(n) < 1:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        from threadpoolctl import threadpool_limits
+
+        limiter = threadpool_limits(int(n))  # BLAS and OpenMP pools (numpy, scikit-learn's k-means)
+    except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+        limiter = None
+    return before, limiter
+
+
+def _restore_threads(held: Any) -> None:
+    if held is None:
+        return
+    import torch
+
+    before, limiter = held
+    torch.set_num_threads(before)
+    if limiter is not None:
+        limiter.restore_original_limits()
 
 
 def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     """The Ray Tune function trainable (wrapped with ``tune.with_parameters(lada_trainable, spec=...)``)."""
+    timings = _Timings(os.environ.get(TIMINGS_ENV))
+    t_imp = time.time()
     import ray
     from ray import tune
 
     from lada_core.trainer import DivergenceError
     from sweeps.distributed import run_continual_parallel
+
+    if timings.folder:
+        import open_clip  # noqa: F401  (imported by the trainer anyway: counted here as an import)
+    timings.span("imports_s", t_imp)
 
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id() or "local"
@@ -139,15 +266,18 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     last: dict[str, Any] = {}
 
     def report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        t_rep = time.time()
         if checkpoint_dir is None:
             tune.report(result)
         else:
             stage = root / "report" / f"step-{result[M.TASK_INDEX]:03d}"
             shutil.copytree(checkpoint_dir, stage / Path(checkpoint_dir).name, copy_function=_link_or_copy)
+            timings.stage_s += time.time() - t_rep
             try:
                 tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(stage)))
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
+        timings.report_s += time.time() - t_rep
         reported["count"] += 1
         last["result"] = result
 
@@ -167,8 +297,17 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
 
     t0 = time.time()
     world = _world_size()
+    threads = _limit_threads()
+    timings.t.update(trial_id=trial_id, setup_s=t0 - timings.t["enter"] - timings.t.get("imports_s", 0.0))
     try:
-        run_continual_parallel(cfg, spec.cache_path, workdir, world, on_task_end=on_task_end)
+        t_load = time.time()
+        bundle = _bundle_for(spec)
+        t_bb = timings.span("bundle_s", t_load)
+        backbone = _backbone_for(cfg)
+        timings.span("backbone_s", t_bb)
+        run_continual_parallel(cfg, spec.cache_path, workdir, world, on_task_end=on_task_end, timings=timings.t if timings.folder else None,
+                               bundle=bundle, backbone=backbone)
+        timings.write(run_s=time.time() - t0)
     except DivergenceError as exc:
         # Retrying cannot help (same seed, same data): end the trial with the reason, as a failed value.
         result = dict(last.get("result", {}))
@@ -176,7 +315,25 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         result.setdefault(TASKS_DONE, 0)
         tune.report(result)
         return
+    except Exception as exc:
+        from sweeps.storage import STORAGE_ERROR, StorageError, describe
+
+        found = describe(exc, spec.results_dir or ctx.get_trial_dir())
+        if found is None:
+            raise
+        # A full or read-only disk: every retry and every other trial would fail the same way. Tell
+        # the driver (its StorageGuard stops the sweep as Ctrl+C would, keeping this trial
+        # resumable from its last stored checkpoint) and wait to be stopped.
+        result = dict(last.get("result", {}))
+        result.update({OBJECTIVE: math.nan, STORAGE_ERROR: found, ERROR: found, NODE_ID: node_id})
+        result.setdefault(TASKS_DONE, 0)
+        tune.report(result)
+        deadline = time.monotonic() + STORAGE_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+        raise StorageError(found) from None
     finally:
+        _restore_threads(threads)
         shutil.rmtree(root, ignore_errors=True)
     if reported["count"] == 0 and "result" in last:
         # Every task was already done (the trial finished just before a driver restart): report the

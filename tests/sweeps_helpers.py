@@ -224,3 +224,49 @@ class LocalRayCluster:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on loopback (sqlite backend, served artifacts), in its own process
+    group: stopped (SIGKILL, as a crash) and restarted on the same port and stores."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> None:
+        import urllib.request
+
+        cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination", str(self.root / "artifacts")]
+        log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not answer on {self.uri}: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc, signal.SIGKILL)
+            self.proc = None
+        deadline = time.time() + 20  # the port is free again once nothing listens
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                time.sleep(0.3)
+            except OSError:
+                return

@@ -173,6 +173,7 @@ class FakeTrial:
     config: dict[str, Any]
     last_result: dict[str, Any] = field(default_factory=dict)
     checkpoint: Any = None
+    local_path: str | None = None
 
     @property
     def trial_name(self) -> str:
@@ -281,27 +282,82 @@ def test_tracker_child_runs_batching_and_resume(tracker_env: tuple[Any, str, str
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in children) == ["t1", "t2", "t3", "t4"], "one run per trial"
 
 
+class FlakyClient:
+    """An MlflowClient that can be switched off (every call raises, as for a stopped server); counts calls."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.down = False
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.real, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.down:
+                raise ConnectionError("Connection refused")
+            return attr(*args, **kwargs)
+
+        return call
+
+
 def test_tracker_keeps_metrics_when_mlflow_is_down(tracker_env: tuple[Any, str, str, str], tmp_path: Path) -> None:
-    client, uri, exp, parent = tracker_env
-    tr = _tracker(uri, exp, parent)
-    trial = FakeTrial("t1", {"optim.lr": 0.001})
-    tr.on_trial_start(0, [trial], trial)
-    tr.on_trial_result(0, [trial], trial, _result(0))
-    good = tr._client
+    """MLflow down mid-sweep: no call is tried during the retry window (Tune's loop never waits on
+    it), metrics and trial ends are kept, a trial that starts meanwhile gets its run when MLflow is
+    back (filled from its result.json), and every step is logged exactly once."""
+    import json
+
     from mlflow.tracking import MlflowClient
 
-    tr._client = MlflowClient("http://127.0.0.1:9")  # nothing listens there
-    import os
+    from sweeps.tracking import OUTCOME_TAG, TRIAL_ID_TAG
 
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    try:
-        assert tr.flush() is False
-    finally:
-        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-    assert len(tr._pending) > 0, "kept for a retry"
-    tr._client = good
-    assert tr.flush() and not tr._pending
-    assert [m.step for m in client.get_metric_history(tr.runs["t1"], M.AVERAGE)] == [0]
+    client, uri, exp, parent = tracker_env
+    tr = _tracker(uri, exp, parent)
+    flaky = FlakyClient(MlflowClient(uri))
+    tr._client = flaky
+    t1 = FakeTrial("t1", {"optim.lr": 0.001})
+    tr.on_trial_start(0, [t1], t1)
+    tr.on_trial_result(0, [t1], t1, _result(0))
+    flaky.down = True
+    assert tr.flush() is False
+    assert not tr.available() and len(tr._pending) > 0, "kept for a retry"
+    calls = flaky.calls
+    # While down: results, a new trial, a trial end - none of them calls MLflow.
+    tr.on_trial_result(0, [t1], t1, _result(1))
+    d2 = tmp_path / "t2"
+    d2.mkdir()
+    t2 = FakeTrial("t2", {"optim.lr": 0.002}, local_path=str(d2))
+    tr.on_trial_start(0, [t1, t2], t2)
+    for step in range(2):
+        with (d2 / "result.json").open("a") as f:
+            f.write(json.dumps(_result(step)) + "\n")
+        tr.on_trial_result(0, [t1, t2], t2, _result(step))
+    tr.on_trial_result(0, [t1], t1, _result(2))
+    t1.last_result = _result(2)
+    tr.on_trial_complete(0, [t1, t2], t1)
+    tr.on_step_end(0, [t1, t2])
+    assert flaky.calls == calls, "no MLflow call while it is down"
+    assert tr.unsent()[1] == 1 and "t2" not in tr.runs
+    # Back up (the retry time has passed): the next step sends everything.
+    flaky.down = False
+    tr._down_until = 0.0
+    tr.on_step_end(0, [t1, t2])
+    with (d2 / "result.json").open("a") as f:
+        f.write(json.dumps(_result(2)) + "\n")
+    tr.on_trial_result(0, [t1, t2], t2, _result(2))
+    t2.last_result = _result(2)
+    tr.on_trial_complete(0, [t1, t2], t2)
+    tr.on_experiment_end([t1, t2])
+    assert tr.unsent() == (0, 0)
+    runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == ["t1", "t2"], "one run per trial"
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags[OUTCOME_TAG] == "completed"
+        assert [m.step for m in client.get_metric_history(r.info.run_id, M.AVERAGE)] == [0, 1, 2]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, M.TASK_INDEX)] == [0, 1, 2]
 
 
 def test_tracker_is_picklable(tracker_env: tuple[Any, str, str, str]) -> None:

@@ -1,0 +1,454 @@
+"""Faults a sweep survives, each on a real local Ray (CPU only), with real ``lada-sweep`` processes,
+a sqlite MLflow store or a real ``mlflow server``, and an Optuna storage, read back through their own
+clients. Every sweep has a time budget and a process timeout.
+
+1. A trial's worker process SIGKILLed mid-task: retried from its last finished task's checkpoint, the
+   same accuracy matrix as an uninterrupted run with the same seed, its MLflow run continued.
+2. A worker node of a two-node cluster killed mid-sweep: its trial moves to the other node, the
+   sweep finishes with every requested trial.
+3. A diverging trial (an absurd learning rate): failed within one step, the reason in its MLflow run,
+   FAIL in Optuna; the other trials complete.
+4. The MLflow tracking server down for the rest of the sweep: the sweep succeeds; ``--sync-mlflow``
+   writes what is missing once the server is back, and a second sync writes nothing.
+5. The results disk full mid-sweep (a tiny tmpfs, filled up) and a read-only results folder: one
+   clear line naming the path, exit code 3, no traceback; finished trials intact; ``--resume`` after
+   freeing space finishes the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sweeps_helpers import (
+    LocalRayCluster,
+    MlflowServer,
+    SweepDirs,
+    child_runs,
+    kill_group,
+    run_sweep,
+    settings,
+    short_tmp,
+    study_states,
+    summary,
+    sweep_args,
+    sweep_env,
+    tune_trial_results,
+)
+
+from lada_core import metrics as M
+
+pytestmark = pytest.mark.slow
+
+BUDGET = ["--time-budget-s", "300"]
+# A few hundred optimizer steps per task (about a second each on this machine): a fault lands inside
+# a task, not between two.
+LONGER_TASKS = ["--set", "optim.epochs=8", "--set", "optim.batch_size=2"]
+
+
+@pytest.fixture
+def dirs(tmp_path: Path, shared_cache_root: Path) -> Iterator[SweepDirs]:
+    d = SweepDirs(tmp_path, shared_cache_root)
+    yield d
+    shutil.rmtree(d.ray_tmp, ignore_errors=True)
+
+
+def _start(dirs: SweepDirs, args: list[str], env: dict[str, str] | None = None, log: str = "sweep") -> subprocess.Popen:
+    """``python -m sweeps.run ARGS`` in the background, in its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sweeps.run", *args], cwd=dirs.root, env=env or sweep_env(dirs),
+        stdout=open(dirs.root / f"{log}.out", "w"), stderr=open(dirs.root / f"{log}.err", "w"), start_new_session=True,
+    )
+
+
+def _wait(proc: subprocess.Popen, dirs: SweepDirs, timeout: float, log: str = "sweep") -> tuple[int, str, str]:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise AssertionError(f"sweep timed out:\n{(dirs.root / f'{log}.err').read_text()[-5000:]}") from None
+    finally:
+        kill_group(proc, wait=0)
+    return proc.returncode, (dirs.root / f"{log}.out").read_text(), (dirs.root / f"{log}.err").read_text()
+
+
+def _poll(predicate: Any, timeout: float, what: str, proc: subprocess.Popen | None = None) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (exit {proc.returncode}) before {what}")
+        try:
+            value = predicate()
+        except Exception:  # files half written, a study not created yet, sqlite busy
+            value = None
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _steps(rows: list[dict[str, Any]]) -> list[int]:
+    return [r[M.TASK_INDEX] for r in rows if M.TASK_INDEX in r and not r.get("storage_error")]
+
+
+def _one_run_per_trial(dirs: SweepDirs, name: str, uri: str | None = None, folder: Path | None = None) -> dict[str, Any]:
+    """The sweep's child runs by trial id, checked: one run per trial, each task step logged once."""
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or dirs.mlflow_uri
+    st = json.loads(((folder or dirs.folder(name)) / "sweep.json").read_text())
+    client = MlflowClient(uri)
+    runs = child_runs(uri, st["parent_run_id"])
+    ids = [r.data.tags["lada.trial_id"] for r in runs]
+    assert len(ids) == len(set(ids)), f"a trial has two runs: {ids}"
+    out = {}
+    for r in runs:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, M.TASK_INDEX)]
+        assert steps == sorted(set(steps)), f"a step logged twice: {steps}"
+        out[r.data.tags["lada.trial_id"]] = (r, steps)
+    return out
+
+
+# -- 1. a trial's worker process killed mid-task ---------------------------------------------------------
+REFERENCE = textwrap.dedent("""
+    import json, sys
+    from lada_core.features import load_bundle
+    from lada_core.trainer import run_continual
+    from sweeps.run import Settings, base_config
+    from sweeps.trainable import TrialSpec
+    st, config, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+    spec = TrialSpec(base_config=base_config(Settings(**st)).to_dict(), overrides=tuple(st["set"]))
+    res = run_continual(spec.config(config), load_bundle(st["cache_path"]), out, log=lambda m: None)
+    print(json.dumps(res.matrix.tolist()))
+""")
+
+
+def _reference_matrix(dirs: SweepDirs, name: str, config: dict[str, Any]) -> list[list[float]]:
+    """The same trial, uninterrupted, in a fresh process with one thread (as Ray runs a 1-CPU trial)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", REFERENCE, json.dumps(settings(dirs, name)), json.dumps(config), str(dirs.root / "ref")],
+                         capture_output=True, text=True, env=env, cwd=dirs.root, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_killed_worker_is_retried_from_its_last_task(dirs: SweepDirs) -> None:
+    name = "killed"
+    proc = _start(dirs, sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "1", "--seed", "3", *LONGER_TASKS, *BUDGET))
+    folder = dirs.folder(name)
+
+    def mid_sweep() -> tuple[str, int, int] | None:
+        for tid, rows in tune_trial_results(folder).items():
+            if 2 <= len(rows) <= 4:
+                return tid, len(rows), rows[-1]["pid"]
+        return None
+
+    try:
+        tid, done_before, pid = _poll(mid_sweep, 240, "two finished tasks", proc)
+        time.sleep(0.3)  # into the next task
+        os.kill(pid, signal.SIGKILL)
+        code, out, err = _wait(proc, dirs, 400)
+    finally:
+        kill_group(proc, wait=0)
+    assert code == 0, err[-5000:]
+    s = summary(dirs, name)
+    assert s["trials"] == 1 and s["completed"] == 1, s["outcomes"]
+    rows = tune_trial_results(folder)[tid]
+    assert _steps(rows) == list(range(7)), "every task reported once: the retry resumed after the last finished one"
+    pids = [r["pid"] for r in rows]
+    assert pids[0] == pid and pids[-1] != pid, "the tasks after the kill ran in a new worker process"
+    first_new = next(i for i, p in enumerate(pids) if p != pid)
+    assert done_before <= first_new <= done_before + 1, (done_before, pids)
+
+    names = settings(dirs, name)["dataset_names"]
+    matrix = [[r[f"acc/{n}"] for n in names] for r in rows]
+    reference = _reference_matrix(dirs, name, rows[-1]["config"])
+    np.testing.assert_allclose(matrix, reference, atol=1e-9, err_msg="the same matrix as an uninterrupted run with the same seed")
+
+    runs = _one_run_per_trial(dirs, name)
+    assert list(runs) == [tid]
+    run, steps = runs[tid]
+    assert run.info.status == "FINISHED" and run.data.tags["lada.outcome"] == "completed"
+    assert steps == list(range(7)), "the run was continued after the retry, every step once"
+
+
+# -- 2. a worker node of a two-node cluster killed --------------------------------------------------------
+def test_lost_worker_node_trials_move_to_the_other_node(dirs: SweepDirs) -> None:
+    name = "nodeloss"
+    tmp = short_tmp("rc")
+    cluster = LocalRayCluster(tmp)
+    try:
+        cluster.start_head(num_cpus=1, resources={"node_a": 1})
+        cluster.add_node(num_cpus=1, resources={"node_b": 1})
+        cluster.wait_nodes(2)
+        env = sweep_env(dirs, {k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
+        args = sweep_args(dirs, name, "--space", "lada_smoke", "--address", cluster.address, "--num-samples", "3",
+                          "--max-concurrent", "2", "--cpus-per-trial", "1", *LONGER_TASKS, *BUDGET, local_cpus=None)
+        proc = _start(dirs, args, env=env)
+        folder = dirs.folder(name)
+
+        def two_nodes_busy() -> bool:
+            running = {rows[-1]["node_id"] for rows in tune_trial_results(folder).values() if len(rows) < 5}
+            return len(running) == 2
+
+        try:
+            _poll(two_nodes_busy, 240, "unfinished trials on both nodes", proc)
+            time.sleep(0.3)
+            os.killpg(cluster.procs[1].pid, signal.SIGKILL)  # the worker node: its raylet and its workers
+            code, out, err = _wait(proc, dirs, 400)
+        finally:
+            kill_group(proc, wait=0)
+    finally:
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert code == 0, err[-5000:]
+    s = summary(dirs, name)
+    assert s["trials"] == 3 and s["completed"] == 3, s["outcomes"]
+    results = tune_trial_results(dirs.folder(name))
+    assert len(results) == 3
+    survivor = {rows[-1]["node_id"] for rows in results.values()}
+    assert len(survivor) == 1, "every trial ended on the node that was left"
+    moved = [tid for tid, rows in results.items() if len({r["node_id"] for r in rows}) == 2]
+    assert moved, "a trial of the lost node was rescheduled on the other one"
+    for tid in moved:
+        assert _steps(results[tid]) == list(range(7)), "resumed from its checkpoint, no task twice"
+    runs = _one_run_per_trial(dirs, name)
+    assert set(runs) == set(results)
+    assert all(run.info.status == "FINISHED" and steps == list(range(7)) for run, steps in runs.values())
+
+
+# -- 3. a diverging trial --------------------------------------------------------------------------------
+def test_diverging_trial_fails_and_the_sweep_goes_on(dirs: SweepDirs) -> None:
+    name = "diverge"
+    res = run_sweep(dirs, sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "3", "--point", "optim.lr=1e8", *BUDGET))
+    assert res.returncode == 0, res.stderr[-5000:]
+    s = summary(dirs, name)
+    assert s["outcomes"] == {"completed": 2, "diverged": 1}, s["outcomes"]
+    st = settings(dirs, name)
+    assert study_states(st["study_storage"], name) == {"COMPLETE": 2, "FAIL": 1}
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=st["study_storage"])
+    (failed,) = [t for t in study.trials if t.state.name == "FAIL"]
+    assert failed.params["optim.lr"] == 1e8 and "diverged" in failed.user_attrs["error"]
+    runs = _one_run_per_trial(dirs, name)
+    diverged = [r for r, _ in runs.values() if r.data.tags.get("lada.outcome") == "diverged"]
+    assert len(diverged) == 1
+    run = diverged[0]
+    assert run.info.status == "FAILED" and float(run.data.params["optim.lr"]) == 1e8
+    reason = run.data.tags["lada.error"]
+    # Detected at the step whose loss is not finite: the first update (step 1) blows up step 2.
+    assert "training diverged" in reason and "task 1/7" in reason and "epoch 1, step 2 " in reason, reason
+    others = [r for r, steps in runs.values() if r is not run]
+    assert all(r.info.status == "FINISHED" and r.data.tags["lada.outcome"] == "completed" for r in others)
+
+
+# -- 4. the MLflow tracking server unreachable ---------------------------------------------------------
+def test_mlflow_server_down_then_sync(dirs: SweepDirs) -> None:
+    name = "mlflowdown"
+    server = MlflowServer(dirs.root / "mlflow-server")
+    server.start()
+    try:
+        args = sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "2", "--max-concurrent", "1", *LONGER_TASKS, *BUDGET)
+        args[args.index("--mlflow-uri") + 1] = server.uri
+        proc = _start(dirs, args)
+        folder = dirs.folder(name)
+        try:
+            # The parent run exists and the first trial has reported a task: stop the server.
+            _poll(lambda: settings(dirs, name).get("parent_run_id") and any(len(r) >= 2 for r in tune_trial_results(folder).values()),
+                  240, "the first task steps", proc)
+            server.stop()
+            code, out, err = _wait(proc, dirs, 400)
+        finally:
+            kill_group(proc, wait=0)
+        assert code == 0, err[-5000:]
+        assert "Traceback" not in err, err[-5000:]
+        assert "--sync-mlflow" in out, "the sweep says how to catch MLflow up"
+        s = summary(dirs, name)
+        assert s["completed"] == 2, "Ray's results are the source of truth"
+
+        server.start()
+        report = [sys.executable, "-m", "sweeps.report", "--storage", str(dirs.storage), "--name", name, "--sync-mlflow", "--json"]
+        first = subprocess.run(report, capture_output=True, text=True, cwd=dirs.root, timeout=300)
+        assert first.returncode == 0, first.stderr[-3000:]
+        counts = json.loads(first.stdout.strip().splitlines()[-1])
+        assert counts["metrics_logged"] > 0 and counts["runs_closed"] == 2 and counts["parent_closed"] == 1, counts
+        second = subprocess.run(report, capture_output=True, text=True, cwd=dirs.root, timeout=300)
+        assert second.returncode == 0, second.stderr[-3000:]
+        again = json.loads(second.stdout.strip().splitlines()[-1])
+        assert again == {"runs_created": 0, "metrics_logged": 0, "runs_closed": 0, "parent_closed": 0, "duplicate_runs": 0}, again
+
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(server.uri)
+        runs = _one_run_per_trial(dirs, name, uri=server.uri)
+        assert set(runs) == set(tune_trial_results(folder)), "one run per trial of Ray's results"
+        for run, steps in runs.values():
+            assert run.info.status == "FINISHED" and run.data.tags["lada.outcome"] == "completed"
+            assert steps == list(range(7))
+            assert [m.step for m in client.get_metric_history(run.info.run_id, M.AVERAGE)] == list(range(7))
+            arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"accuracy_matrix.csv", "accuracy_matrix.png", "config.yaml", "checkpoint"} <= arts, arts
+        parent = client.get_run(settings(dirs, name)["parent_run_id"])
+        assert parent.info.status == "FINISHED" and parent.data.metrics["trials_completed"] == 2
+        assert "best_average" in parent.data.metrics
+    finally:
+        server.stop()
+
+
+# -- 5. a full or read-only results folder ---------------------------------------------------------------
+INJECT = textwrap.dedent('''
+    # Test hook (tests/test_faults.py), used only where no tmpfs can be mounted: writes that Ray makes
+    # under LADA_TEST_ENOSPC_ROOT fail with ENOSPC once the flag file exists (a disk that fills up).
+    import errno, os
+    _flag, _root = os.environ.get("LADA_TEST_ENOSPC_FLAG"), os.environ.get("LADA_TEST_ENOSPC_ROOT")
+    if _flag and _root:
+        import pyarrow.fs as _fs
+        _copy = _fs.copy_files
+        def copy_files(source, destination, *args, **kwargs):
+            if os.path.exists(_flag) and str(destination).startswith(_root):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
+            return _copy(source, destination, *args, **kwargs)
+        _fs.copy_files = copy_files
+''')
+
+
+@contextmanager
+def _small_disk(path: Path, size: str = "64m") -> Iterator[tuple[Any, dict[str, str]]]:
+    """A results disk that can be filled: a tmpfs when this process may mount one (root, CAP_SYS_ADMIN),
+    else an injected ENOSPC in Ray's writes (a sitecustomize on PYTHONPATH). Yields (fill, extra env)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = False
+    if not os.environ.get("LADA_TEST_NO_MOUNT"):
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    filler = path / "filler.bin"
+    if mounted:
+        def fill() -> None:
+            with open(filler, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                        f.flush()
+                except OSError:
+                    pass
+
+        def free() -> None:
+            filler.unlink(missing_ok=True)
+        env: dict[str, str] = {}
+    else:
+        hook = path.parent / "enospc-hook"
+        hook.mkdir(exist_ok=True)
+        (hook / "sitecustomize.py").write_text(INJECT)
+        flag = path.parent / "disk-is-full"
+
+        def fill() -> None:
+            flag.touch()
+
+        def free() -> None:
+            flag.unlink(missing_ok=True)
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
+               "LADA_TEST_ENOSPC_FLAG": str(flag), "LADA_TEST_ENOSPC_ROOT": str(path)}
+    try:
+        yield (fill, free), env
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("lada-sweep: error:")]
+    assert len(lines) == 1, err[-5000:]
+    assert "Traceback" not in err, err[-5000:]
+    return lines[0]
+
+
+def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs) -> None:
+    import optuna
+    import torch
+
+    name = "diskfull"
+    disk = dirs.root / "disk"
+    with _small_disk(disk) as ((fill, free), extra):
+        args = sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "2", "--max-concurrent", "1", *LONGER_TASKS, *BUDGET)
+        args[args.index("--storage") + 1] = str(disk / "results")
+        folder = disk / "results" / name
+        env = sweep_env(dirs, extra)
+        proc = _start(dirs, args, env=env)
+        db = f"sqlite:///{folder / 'optuna.db'}"
+        try:
+            def first_complete() -> str | None:
+                done = [t.user_attrs.get("ray_trial_id") for t in optuna.load_study(study_name=name, storage=db).trials
+                        if t.state.name == "COMPLETE"]
+                return done[0] if done else None
+
+            finished = _poll(lambda: (folder / "optuna.db").exists() and first_complete(), 240, "a finished trial", proc)
+            # A finished trial is written to storage when it ends, not at Tune's next snapshot.
+            _poll(lambda: len(_steps(tune_trial_results(folder).get(finished, []))) == 7, 5, "the finished trial's results", proc)
+            fill()  # the disk is full from now on
+            code, out, err = _wait(proc, dirs, 300)
+        finally:
+            kill_group(proc, wait=0)
+        assert code == 3, err[-5000:]
+        line = _one_error_line(err)
+        assert "No space left on device" in line and str(disk) in line, line
+        assert "--resume --name diskfull" in line, line
+
+        # The finished trial is intact: its results, its last checkpoint, its study entry, its run.
+        results = tune_trial_results(folder)
+        assert _steps(results[finished]) == list(range(7))
+        (trial_dir,) = folder.glob(f"*_{finished}_*")
+        newest = max(trial_dir.glob("checkpoint_*/task-006/state.pt"))
+        assert torch.load(newest, weights_only=False)["task_index"] == 6
+        assert study_states(db, name).get("COMPLETE") == 1
+        runs = _one_run_per_trial(dirs, name, folder=folder)
+        assert runs[finished][0].info.status == "FINISHED" and runs[finished][1] == list(range(7))
+
+        free()
+        res = run_sweep(dirs, [*args, "--resume"], env=env)
+        assert res.returncode == 0, res.stderr[-5000:]
+        s = json.loads((folder / "summary.json").read_text())
+        assert s["trials"] == 2 and s["completed"] == 2, s["outcomes"]
+        # Every trial has all its steps. Tune's last snapshot before the disk filled may predate the
+        # end of the finished trial: the resumed driver then sees it end once more and Ray's
+        # result.json gets its final step again (MLflow and Optuna count it once). A trial that
+        # started after that snapshot is unknown to the resumed driver: its folder and run stay as
+        # they were (the run marked KILLED) and a new trial takes its place.
+        trials = [r["trial_id"] for r in s["rows"]]
+        results = tune_trial_results(folder)
+        assert finished in trials and all(sorted(set(_steps(results[t]))) == list(range(7)) for t in trials)
+        assert _steps(results[finished])[:7] == list(range(7))
+        runs = _one_run_per_trial(dirs, name, folder=folder)
+        assert all(runs[t][0].info.status == "FINISHED" and runs[t][1] == list(range(7)) for t in trials)
+        assert all(run.info.status == "KILLED" for t, (run, _) in runs.items() if t not in trials)
+
+
+def test_read_only_results_folder_is_one_clear_line(dirs: SweepDirs) -> None:
+    ro = dirs.root / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode == 0:
+        storage, reason = ro / "results", "Read-only file system"
+    else:  # no mount here: a path under a file can never be a folder (root ignores permissions)
+        (ro / "a-file").write_text("x")
+        storage, reason = ro / "a-file" / "results", "Not a directory"
+    try:
+        args = sweep_args(dirs, "ro", "--space", "lada_smoke", *BUDGET)
+        args[args.index("--storage") + 1] = str(storage)
+        res = run_sweep(dirs, args, timeout=240)
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+    assert res.returncode == 3, res.stderr[-3000:]
+    line = _one_error_line(res.stderr)
+    assert reason in line and str(ro) in line, line
+    assert "Started a local Ray" not in res.stderr, "it failed before Ray started"
