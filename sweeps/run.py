@@ -52,13 +52,26 @@ class UsageError(ValueError):
     """Bad input found before the sweep starts (one-line message, exit code 2)."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help unless the help already says its default, or there is
+    none to say (None, False: the flag's absence)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from search_spaces import space_names
 
     p = argparse.ArgumentParser(
         prog="lada-sweep",
         description="Sweep LADA settings: Ray Tune runs the trials, Optuna chooses the settings, MLflow records every task step.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("what to search")
     g.add_argument("--space", default=None, help=f"search space (one of: {', '.join(space_names())}; default lada_smoke)")

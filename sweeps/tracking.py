@@ -703,7 +703,7 @@ def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
     a ``summary.json``. A second call writes nothing. Returns counts of what was written."""
     import json
 
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     from sweeps.search import RAY_TRIAL_ID_ATTR

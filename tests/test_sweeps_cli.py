@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,10 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--space", "--benchmark", "--data-root", "--num-samples", "--metric", "--scheduler", "--gpus-per-trial",
                  "--cpus-per-trial", "--max-concurrent", "--address", "--storage", "--mlflow-uri", "--name", "--resume", "--seed"):
         assert flag in out
+    flat = " ".join(out.split())  # argparse wraps lines
+    assert "default: None" not in flat and "(default: False)" not in flat, "no default to state: say nothing"
+    assert "(default: 0)" in flat and "(default: 2)" in flat, "--max-concurrent and --max-failures state theirs"
+    assert not re.search(r"default[^()]*\)\s*\(default", flat), "each default said once per flag"
 
 
 @pytest.mark.slow
