@@ -22,6 +22,7 @@ Shares are of the trial phase (CPU slots x its wall time) and of the whole comma
 set-up: imports, Ray start, cache lookup, the MLflow parent run and the Optuna study).
 
     .venv/bin/python bench/sweep_overhead.py                      # 4 trials of ~20 s, 2 at a time
+    .venv/bin/python bench/sweep_overhead.py --trials 12          # the per-worker start amortised
     .venv/bin/python bench/sweep_overhead.py --no-reuse-actors    # a fresh worker per trial (before)
 """
 
@@ -130,6 +131,20 @@ def report(summary: dict, records: list[dict], process_wall: float, label: str) 
           f"{summary.get('mlflow_calls', 0)} calls")
     print(f"share of wall time that is not trial compute: {100 * overhead:.1f}% of the trial phase, "
           f"{100 * whole:.1f}% of the whole command")
+    # Paid once per worker process (reused workers pay it once per sweep), against paid by every trial.
+    once = parts["worker start (new process)"] + parts["worker imports"] + parts["idle: fit start -> first worker process"]
+    once_per_worker = once / max(1, len(by_pid))
+    recurring = max(0.0, capacity - compute - once) / max(1, n)
+    print(f"once per worker process: {once_per_worker:.1f} s (start, imports); every trial: {recurring:.2f} s of overhead "
+          f"for {per_trial:.1f} s of compute ({100 * recurring / max(1e-9, recurring + per_trial):.1f}%)")
+    workers = len(by_pid)
+    if workers >= n:  # a fresh worker per trial: every trial pays the worker's start and imports
+        share = (once_per_worker + recurring) / (once_per_worker + recurring + per_trial)
+        print(f"  every trial has its own worker: the share stays about {100 * share:.1f}% whatever the number of trials")
+    else:
+        for total in (n, 20, 100):
+            share = (once + total * recurring) / (once + total * (recurring + per_trial))
+            print(f"  projected share of the trial phase with {total:3d} trials on {workers} reused workers: {100 * share:.1f}%")
     return {"overhead_phase": overhead, "overhead_whole": whole, "per_trial": per_trial}
 
 

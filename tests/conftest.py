@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +65,16 @@ def mini_cache(shared_cache_root: Path, tiny_backbone):
     cfg = build_config(overrides=tiny_overrides(shared_cache_root))
     info = ensure_cache(cfg, progress=False, backbone=tiny_backbone, log=lambda m: None)
     return cfg, info, load_bundle(info.path)
+
+
+@pytest.fixture
+def sweep_dirs(tmp_path: Path, shared_cache_root: Path) -> Iterator[Any]:
+    """The folders of a ``lada-sweep`` test (``sweeps_helpers.SweepDirs``) sharing the session's cache;
+    the Ray temp folder of the test is removed afterwards."""
+    import shutil
+
+    from sweeps_helpers import SweepDirs
+
+    d = SweepDirs(tmp_path, shared_cache_root)
+    yield d
+    shutil.rmtree(d.ray_tmp, ignore_errors=True)

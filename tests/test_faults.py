@@ -59,10 +59,8 @@ LONGER_TASKS = ["--set", "optim.epochs=8", "--set", "optim.batch_size=2"]
 
 
 @pytest.fixture
-def dirs(tmp_path: Path, shared_cache_root: Path) -> Iterator[SweepDirs]:
-    d = SweepDirs(tmp_path, shared_cache_root)
-    yield d
-    shutil.rmtree(d.ray_tmp, ignore_errors=True)
+def dirs(sweep_dirs: SweepDirs) -> SweepDirs:
+    return sweep_dirs
 
 
 def _start(dirs: SweepDirs, args: list[str], env: dict[str, str] | None = None, log: str = "sweep") -> subprocess.Popen:

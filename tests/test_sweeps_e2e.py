@@ -38,10 +38,8 @@ BUDGET = ["--time-budget-s", "400"]
 
 
 @pytest.fixture
-def dirs(tmp_path: Path, shared_cache_root: Path) -> SweepDirs:
-    d = SweepDirs(tmp_path, shared_cache_root)
-    yield d
-    shutil.rmtree(d.ray_tmp, ignore_errors=True)
+def dirs(sweep_dirs: SweepDirs) -> SweepDirs:
+    return sweep_dirs
 
 
 def _mlflow_checks(dirs: SweepDirs, name: str, expect_finished: int) -> list:
