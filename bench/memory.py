@@ -7,14 +7,18 @@ of the same config and samples every process of the sweep with psutil:
 
 - PSS (proportional set size: a shared page counts 1/n in each of the n processes mapping it), so the
   sum over processes is the node's real use; USS (pages only that process holds);
-- per process, the mappings of the cache's files: resident bytes, their PSS, and how many of them
-  are private (a copy of the cache inside the process) against shared.
+- per process, the mappings of the cache's files: resident bytes, their PSS, and how many of those
+  pages no other process maps (with one trial: all of them; they are still the page cache's, not a
+  copy in the process).
 
-"Held once" shows as: private bytes of the cache mappings ~0 in every trial process, and the PSS of
-the cache mappings summed over the trials equal to (not twice) the resident cache bytes.
+"Held once" shows as: with 2 trials, the pages of the cache mappings that only one process maps ~0,
+and the PSS of the cache mappings summed over the trials equal to (not twice) the resident cache
+bytes. A trial also holds, in its own memory, float32 copies of the current task's features for the
+epoch (``lada_core.trainer``): that working set is per task, not the cache.
 
-    .venv/bin/python bench/memory.py                       # mini-tail full-shot, 8 views, lada-tiny
-    .venv/bin/python bench/memory.py --shots 64 --views 4  # a smaller cache, faster
+    .venv/bin/python bench/memory.py --model lada-small --shots 400 --views 4  # a 17 MB cache (about 8 min here)
+    .venv/bin/python bench/memory.py --shots 64 --views 4                      # lada-tiny, a small cache, faster
+    .venv/bin/python bench/memory.py                                           # full-shot, 8 views (long to encode)
 """
 
 from __future__ import annotations
@@ -138,9 +142,12 @@ def show(label: str, s: Sampler, cache_bytes: int) -> None:
     print(f"peak PSS of the trial workers:                      {s.peak_trials_pss / MB:8.1f} MB")
     for pid, w in sorted(s.workers.items()):
         print(f"  worker {pid}: peak USS {w['uss'] / MB:7.1f} MB, PSS {w['pss'] / MB:7.1f} MB; cache mapped and resident "
-              f"{w['cache_rss'] / MB:6.1f} MB, of it private {w['cache_private'] / MB:5.2f} MB")
+              f"up to {w['cache_rss'] / MB:6.1f} MB")
     rows = s.peak_at.get("cache", [])
     if rows:
+        for pid, c_rss, c_pss, c_private in rows:
+            print(f"  at the peak, worker {pid}: cache resident {c_rss / MB:6.1f} MB, its PSS of it {c_pss / MB:6.1f} MB, "
+                  f"pages no other process maps {c_private / MB:6.2f} MB")
         rss = sum(r[1] for r in rows)
         pss = sum(r[2] for r in rows)
         print(f"at the moment most of the cache was resident: {len(rows)} trial processes map {rss / MB:.1f} MB of it in all, "
