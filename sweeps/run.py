@@ -658,7 +658,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
         t_end = time.time()
         used = (_tracker_of(tuner) if tuner is not None else None) or tracker
         if used_guard.tripped or guard.tripped:
-            return storage_stop(s, grid, client, parent, used, used_guard.message or guard.message or "", t_start, t_fit, t_end)
+            return storage_stop(s, grid, client, parent, used, used_guard.message or guard.message or "", t_start, t_fit, t_end,
+                                study=searcher.study)
         summary = summarize(s, grid, objective, t_start, t_fit, t_end, concurrency)
         marks = [("start", t_start), *phases.items(), ("optuna_and_tune", t_fit)]
         summary["setup_phases_s"] = {name: round(t - marks[i - 1][1], 3) for i, (name, t) in enumerate(marks) if i > 0}
@@ -688,7 +689,7 @@ def _callback_of(tuner: Any, cls: type) -> Any:
 
 
 def storage_stop(s: Settings, grid: Any, client: Any, parent: str, tracker: Any, message: str,
-                 t_start: float, t_fit: float, t_end: float) -> int:
+                 t_start: float, t_fit: float, t_end: float, study: Any = None) -> int:
     """The sweep was stopped by a storage failure: one line naming the path, what is kept, how to
     continue; the parent run says why. Nothing more is written to the results folder."""
     from mlflow.entities import RunTag
@@ -697,6 +698,13 @@ def storage_stop(s: Settings, grid: Any, client: Any, parent: str, tracker: Any,
 
     rows = trial_rows(grid, s.num_tasks or 0, interrupted=True) if grid is not None else []
     done = sum(1 for r in rows if r["outcome"] in ("completed", "pruned"))
+    if grid is None and study is not None:  # Tune itself stopped: the study (read, not written) counts them
+        try:
+            from optuna.trial import TrialState
+
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        except Exception:
+            pass
     try:
         client.log_batch(parent, tags=[RunTag("lada.error", message[:4000]), RunTag("lada.stopped", "storage")])
         client.set_terminated(parent, status="FAILED")
@@ -709,7 +717,7 @@ def storage_stop(s: Settings, grid: Any, client: Any, parent: str, tracker: Any,
         print(f"sweep {s.name}: {len(rows)} trials ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) "
               f"after {t_end - t_start:.1f}s", file=sys.stdout)
     storage_flag = f" --storage {s.storage}" if s.storage != str(Path(DEFAULT_STORAGE).resolve()) else ""
-    print(f"lada-sweep: error: {message}: the sweep stopped; its {done} finished trials are kept in {s.folder}; "
+    print(f"lada-sweep: error: {message}: the sweep stopped; its {done} finished trial{'' if done == 1 else 's'} {'is' if done == 1 else 'are'} kept in {s.folder}; "
           f"free space (or make the folder writable) and continue with: lada-sweep --resume --name {s.name}{storage_flag}",
           file=sys.stderr, flush=True)
     return EXIT_STORAGE

@@ -52,6 +52,22 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(url)
 
 
+def storage_path(storage: Any) -> str | None:
+    """The file behind an Optuna storage (a sqlite database, a journal file), for error messages;
+    None for a database server."""
+    for _ in range(3):  # Optuna wraps an RDBStorage in a cache, a journal file in a JournalStorage
+        url = getattr(storage, "url", None)
+        if isinstance(url, str) and url.startswith("sqlite:///"):
+            return url[len("sqlite:///"):]
+        path = getattr(storage, "_file_path", None)
+        if path:
+            return str(path)
+        storage = getattr(storage, "_backend", None)
+        if storage is None:
+            break
+    return None
+
+
 def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
     try:
         storage.get_study_id_from_name(name)
@@ -104,10 +120,11 @@ class LadaOptunaSearch(OptunaSearch):
             # instead; lada-sweep reports it in one line, trials stay resumable.
             from sweeps.storage import StorageError, describe, report_failure
 
-            found = describe(exc)
+            where = storage_path(self._ot_study._storage)
+            found = describe(exc, where)
             if found is None:
                 raise
-            report_failure(exc)
+            report_failure(exc, where)
             raise StorageError(f"{found} (the Optuna study)") from exc
         return params
 

@@ -51,7 +51,7 @@ STORAGE_ERRNOS = FULL_ERRNOS | READONLY_ERRNOS
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"no space left on device", re.I), os.strerror(errno.ENOSPC)),
     (re.compile(r"disk quota exceeded", re.I), os.strerror(errno.EDQUOT)),
-    (re.compile(r"database or disk is full", re.I), "database or disk is full"),
+    (re.compile(r"database or disk is full", re.I), f"{os.strerror(errno.ENOSPC)} (sqlite: database or disk is full)"),
     (re.compile(r"read-only file system", re.I), os.strerror(errno.EROFS)),
     (re.compile(r"attempt to write a readonly database", re.I), "read-only database"),
 )

@@ -322,12 +322,49 @@ INJECT = textwrap.dedent('''
         _fs.copy_files = copy_files
 ''')
 
+DELAY = textwrap.dedent('''
+    # Test hook (tests/test_faults.py): with LADA_TEST_DELAY_SUGGEST set, the driver's searcher waits
+    # that many seconds before it asks Optuna for the second trial, so the disk is full by then: the
+    # failure meets the study database (sqlite), not a trial's write.
+    import os, sys
+    if os.environ.get("LADA_TEST_DELAY_SUGGEST"):
+        import importlib.machinery, time
+
+        class _DelaySecondSuggest:
+            def find_spec(self, name, path, target=None):
+                if name != "sweeps.search":
+                    return None
+                sys.meta_path.remove(self)
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+                run = spec.loader.exec_module
+
+                def exec_module(module):
+                    run(module)
+                    cls, calls = module.LadaOptunaSearch, []
+                    suggest = cls.suggest
+
+                    def delayed(self, trial_id):
+                        calls.append(trial_id)
+                        if len(calls) == 2:
+                            time.sleep(float(os.environ["LADA_TEST_DELAY_SUGGEST"]))
+                        return suggest(self, trial_id)
+                    cls.suggest = delayed
+                spec.loader.exec_module = exec_module
+                return spec
+        sys.meta_path.insert(0, _DelaySecondSuggest())
+''')
+
 
 @contextmanager
-def _small_disk(path: Path, size: str = "64m") -> Iterator[tuple[Any, dict[str, str]]]:
+def _small_disk(path: Path, size: str = "64m") -> Iterator[tuple[Any, dict[str, str], bool]]:
     """A results disk that can be filled: a tmpfs when this process may mount one (root, CAP_SYS_ADMIN),
-    else an injected ENOSPC in Ray's writes (a sitecustomize on PYTHONPATH). Yields (fill, extra env)."""
+    else an injected ENOSPC in Ray's writes (a sitecustomize on PYTHONPATH). Yields ((fill, free),
+    extra env with the test hooks, whether a tmpfs is mounted)."""
     path.mkdir(parents=True, exist_ok=True)
+    hook = path.parent / "test-hooks"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(INJECT + DELAY)  # each hook acts only when its variables are set
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
     mounted = False
     if not os.environ.get("LADA_TEST_NO_MOUNT"):
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
@@ -344,11 +381,7 @@ def _small_disk(path: Path, size: str = "64m") -> Iterator[tuple[Any, dict[str, 
 
         def free() -> None:
             filler.unlink(missing_ok=True)
-        env: dict[str, str] = {}
     else:
-        hook = path.parent / "enospc-hook"
-        hook.mkdir(exist_ok=True)
-        (hook / "sitecustomize.py").write_text(INJECT)
         flag = path.parent / "disk-is-full"
 
         def fill() -> None:
@@ -356,10 +389,9 @@ def _small_disk(path: Path, size: str = "64m") -> Iterator[tuple[Any, dict[str, 
 
         def free() -> None:
             flag.unlink(missing_ok=True)
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
-               "LADA_TEST_ENOSPC_FLAG": str(flag), "LADA_TEST_ENOSPC_ROOT": str(path)}
+        env.update(LADA_TEST_ENOSPC_FLAG=str(flag), LADA_TEST_ENOSPC_ROOT=str(path))
     try:
-        yield (fill, free), env
+        yield (fill, free), env, mounted
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
@@ -372,16 +404,22 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs) -> None:
+@pytest.mark.parametrize("meets", ["first write", "study database"])
+def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs, meets: str) -> None:
+    """The disk fills up after the first trial ends. Which write meets it first depends on timing: a
+    trial's or Ray's (pyarrow), or the Optuna study's (sqlite, when the next trial is asked for):
+    "study database" holds the searcher back a few seconds so that it is the study's."""
     import optuna
     import torch
 
     name = "diskfull"
     disk = dirs.root / "disk"
-    with _small_disk(disk) as ((fill, free), extra):
+    with _small_disk(disk) as ((fill, free), extra, mounted):
         args = sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "2", "--max-concurrent", "1", *LONGER_TASKS, *BUDGET)
         args[args.index("--storage") + 1] = str(disk / "results")
         folder = disk / "results" / name
+        if meets == "study database":
+            extra = {**extra, "LADA_TEST_DELAY_SUGGEST": "4"}
         env = sweep_env(dirs, extra)
         proc = _start(dirs, args, env=env)
         db = f"sqlite:///{folder / 'optuna.db'}"
@@ -402,6 +440,9 @@ def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs) 
         line = _one_error_line(err)
         assert "No space left on device" in line and str(disk) in line, line
         assert "--resume --name diskfull" in line, line
+        assert "its 1 finished trial is kept" in line, line
+        if meets == "study database" and mounted:  # (the injected ENOSPC reaches pyarrow's writes only)
+            assert f"(sqlite: database or disk is full): {folder / 'optuna.db'}" in line, line
 
         # The finished trial is intact: its results, its last checkpoint, its study entry, its run.
         results = tune_trial_results(folder)

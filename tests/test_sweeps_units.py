@@ -134,6 +134,44 @@ def test_searcher_tells_pruned_failed_and_complete(tmp_path: Path) -> None:
     assert optuna.load_study(study_name="s", storage=url).trials[1].state == TrialState.PRUNED
 
 
+def test_full_study_database_is_a_storage_error_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlite says "database or disk is full" without a path: the searcher's error names the study file
+    and says what it means."""
+    import sqlite3
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.storage import StorageError
+
+    db = tmp_path / "optuna.db"
+    s = _searcher(f"sqlite:///{db}")
+
+    def full(self: Any, trial_id: str) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(OptunaSearch, "suggest", full)
+    with pytest.raises(StorageError) as exc:
+        s.suggest("t0")
+    assert str(exc.value) == f"No space left on device (sqlite: database or disk is full): {db} (the Optuna study)"
+
+
+@pytest.mark.parametrize("exc, path, expected", [
+    (OSError(28, "No space left on device", "/r/a.json"), None, "No space left on device: /r/a.json"),
+    (OSError(30, "Read-only file system"), "/r", "Read-only file system: /r"),
+    (OSError("[Errno 28] Failed to write '/r/b/result.json'. Detail: [errno 28] No space left on device"), None,
+     "No space left on device: /r/b/result.json"),
+    (RuntimeError("attempt to write a readonly database"), "/r/optuna.db", "read-only database: /r/optuna.db"),
+    (ValueError("loss is nan"), "/r", None),
+    (OSError(2, "No such file or directory", "/r/x"), None, None),
+])
+def test_storage_failures_are_recognised_in_one_line(exc: BaseException, path: str | None, expected: str | None) -> None:
+    from sweeps.storage import describe
+
+    wrapped = RuntimeError("trial failed")
+    wrapped.__cause__ = exc
+    assert describe(wrapped, path) == expected
+
+
 def test_searcher_rerun_does_not_enqueue_twice_and_fails_orphans(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     s = _searcher(url)
