@@ -49,7 +49,26 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         url = f"sqlite:///{path.resolve()}"
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url)
+    return _rdb_storage(url)
+
+
+def _rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """``RDBStorage(url)``, again after a short wait when another process initialised the same new
+    database at the same moment (each one stamps its schema version: the second stamp fails on the
+    first one's row) or held it locked. Anything else is raised at once."""
+    import time
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (IntegrityError, OperationalError) as exc:
+            racing = isinstance(exc, IntegrityError) or "database is locked" in str(exc)
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def storage_path(storage: Any) -> str | None:

@@ -155,6 +155,37 @@ def test_full_study_database_is_a_storage_error_naming_the_file(tmp_path: Path, 
     assert str(exc.value) == f"No space left on device (sqlite: database or disk is full): {db} (the Optuna study)"
 
 
+def test_a_new_study_database_opened_by_two_processes_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second process to stamp a new database's schema version fails on the first one's row (seen
+    when ``lada-sweep-report`` or a test polls a starting sweep): opening is tried again; any other
+    database error is raised at once."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from sweeps import search
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def flaky(url: str) -> Any:
+        calls.append(url)
+        if len(calls) == 1:
+            raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed: alembic_version.version_num"))
+        return real(url)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", flaky)
+    storage = search.open_storage(str(tmp_path / "optuna.db"))
+    assert len(calls) == 2 and search.storage_path(storage) == str((tmp_path / "optuna.db").resolve())
+
+    def full(url: str) -> Any:
+        calls.append(url)
+        raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", full)
+    with pytest.raises(OperationalError):
+        search.open_storage(str(tmp_path / "other.db"))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("exc, path, expected", [
     (OSError(28, "No space left on device", "/r/a.json"), None, "No space left on device: /r/a.json"),
     (OSError(30, "Read-only file system"), "/r", "Read-only file system: /r"),
