@@ -447,11 +447,9 @@ def build_cache(s: Settings, spec: Any, encode_on: str) -> tuple[Any, Any]:
 def mlflow_experiment(s: Settings) -> tuple[Any, str]:
     """A client and the sweep's experiment (created if needed: a new sqlite store creates its tables,
     seconds, which :func:`_run_sweep` overlaps with the start of a local Ray)."""
-    from mlflow.tracking import MlflowClient
+    from sweeps.tracking import get_or_create_experiment, open_client
 
-    from sweeps.tracking import get_or_create_experiment
-
-    client = MlflowClient(s.mlflow_uri)
+    client = open_client(s.mlflow_uri)
     return client, get_or_create_experiment(client, s.experiment, s.mlflow_uri)
 
 

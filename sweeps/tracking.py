@@ -24,6 +24,7 @@ a resumed or retried trial continues its own child run and never logs a task ste
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -32,7 +33,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,13 +76,55 @@ def artifact_root_for(tracking_uri: str) -> str | None:
     return None
 
 
+def sqlite_store_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (relative to the working folder when the
+    URI is), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):]).resolve()
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock (``flock`` on the database's folder) while a sqlite MLflow store is
+    opened. MLflow creates and migrates a new store's tables on first use, and two processes doing it
+    at the same moment (two sweeps started together in one folder) leave a database that neither can
+    open again ("table _alembic_tmp_tags already exists", "duplicate column name"). Other URIs: no lock."""
+    path = sqlite_store_path(tracking_uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def open_client(tracking_uri: str) -> MlflowClient:
+    """An MLflow client whose store is created (tables made and migrated) under
+    :func:`sqlite_store_lock`; afterwards any number of processes may use the store."""
+    from mlflow.tracking import MlflowClient
+
+    with sqlite_store_lock(tracking_uri):
+        client = MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)  # the store is built on first use
+    return client
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri))
+    with sqlite_store_lock(tracking_uri):  # two sweeps creating the experiment at once: one creates it
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri))
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -704,7 +747,6 @@ def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
     import json
 
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
     from sweeps.search import RAY_TRIAL_ID_ATTR
 
@@ -712,7 +754,7 @@ def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
     counts = {"runs_created": 0, "metrics_logged": 0, "runs_closed": 0, "parent_closed": 0, "duplicate_runs": 0}
     if not settings.parent_run_id:
         raise ValueError(f"sweep {settings.name} has no parent run (it stopped before MLflow was reached)")
-    client = MlflowClient(settings.mlflow_uri)
+    client = open_client(settings.mlflow_uri)
     parent = client.get_run(settings.parent_run_id)
     exp_id = parent.info.experiment_id
     runs = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{settings.parent_run_id}'", max_results=5000)

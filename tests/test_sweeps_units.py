@@ -186,6 +186,37 @@ def test_a_new_study_database_opened_by_two_processes_at_once(tmp_path: Path, mo
     assert len(calls) == 1
 
 
+OPEN_STORE = """
+import sys, time
+from sweeps.tracking import get_or_create_experiment, open_client
+uri, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+client = open_client(uri)
+print(get_or_create_experiment(client, "lada-sweeps", uri))
+"""
+
+
+def test_sweeps_started_together_share_a_new_sqlite_mlflow_store(tmp_path: Path) -> None:
+    """Three processes open the same new sqlite MLflow store and its experiment at the same moment
+    (two sweeps started together in one folder). Without the lock MLflow's table migrations collide
+    and leave a database no process can open; with it, all three get the one experiment."""
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start = str(time.time() + 6)  # after every interpreter has imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri, start], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    ids = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(ids) == 1
+    assert [e.experiment_id for e in MlflowClient(uri).search_experiments() if e.name == "lada-sweeps"] == list(ids)
+
+
 @pytest.mark.parametrize("exc, path, expected", [
     (OSError(28, "No space left on device", "/r/a.json"), None, "No space left on device: /r/a.json"),
     (OSError(30, "Read-only file system"), "/r", "Read-only file system: /r"),
