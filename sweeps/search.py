@@ -60,15 +60,14 @@ def _rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
 
     from sqlalchemy.exc import IntegrityError, OperationalError
 
-    for attempt in range(attempts):
+    for attempt in range(1, attempts):
         try:
             return optuna.storages.RDBStorage(url)
         except (IntegrityError, OperationalError) as exc:
-            racing = isinstance(exc, IntegrityError) or "database is locked" in str(exc)
-            if not racing or attempt == attempts - 1:
+            if not (isinstance(exc, IntegrityError) or "database is locked" in str(exc)):
                 raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")  # pragma: no cover
+            time.sleep(0.2 * attempt)
+    return optuna.storages.RDBStorage(url)  # the last attempt raises whatever it meets
 
 
 def storage_path(storage: Any) -> str | None:
