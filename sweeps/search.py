@@ -52,10 +52,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     return _rdb_storage(url)
 
 
-def _rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+def _rdb_storage(url: str, attempts: int = 6) -> optuna.storages.RDBStorage:
     """``RDBStorage(url)``, again after a short wait when another process initialised the same new
-    database at the same moment (each one stamps its schema version: the second stamp fails on the
-    first one's row) or held it locked. Anything else is raised at once."""
+    database at the same moment, or held it locked. Each process makes the tables it does not see
+    and stamps the schema version, so the slower one meets the faster one's work: "table studies
+    already exists", or the stamp's "UNIQUE constraint failed: alembic_version". Seen when
+    ``lada-sweep-report`` (or a test, or a notebook) opens a sweep's study just as the sweep creates
+    it. Anything else (a full disk, a bad URL) is raised at once."""
     import time
 
     from sqlalchemy.exc import IntegrityError, OperationalError
@@ -64,7 +67,8 @@ def _rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
         try:
             return optuna.storages.RDBStorage(url)
         except (IntegrityError, OperationalError) as exc:
-            if not (isinstance(exc, IntegrityError) or "database is locked" in str(exc)):
+            text = str(exc)
+            if not (isinstance(exc, IntegrityError) or "database is locked" in text or "already exists" in text):
                 raise
             time.sleep(0.2 * attempt)
     return optuna.storages.RDBStorage(url)  # the last attempt raises whatever it meets

@@ -64,11 +64,14 @@ def dirs(sweep_dirs: SweepDirs) -> SweepDirs:
 
 
 def _start(dirs: SweepDirs, args: list[str], env: dict[str, str] | None = None, log: str = "sweep") -> subprocess.Popen:
-    """``python -m sweeps.run ARGS`` in the background, in its own process group."""
-    return subprocess.Popen(
+    """``python -m sweeps.run ARGS`` in the background, in its own process group; its stderr file is
+    kept on the process (``err_path``) so that a failure can show it."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "sweeps.run", *args], cwd=dirs.root, env=env or sweep_env(dirs),
         stdout=open(dirs.root / f"{log}.out", "w"), stderr=open(dirs.root / f"{log}.err", "w"), start_new_session=True,
     )
+    proc.err_path = dirs.root / f"{log}.err"  # type: ignore[attr-defined]
+    return proc
 
 
 def _wait(proc: subprocess.Popen, dirs: SweepDirs, timeout: float, log: str = "sweep") -> tuple[int, str, str]:
@@ -86,7 +89,9 @@ def _poll(predicate: Any, timeout: float, what: str, proc: subprocess.Popen | No
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the sweep ended (exit {proc.returncode}) before {what}")
+            err = getattr(proc, "err_path", None)
+            tail = err.read_text(errors="replace")[-5000:] if err is not None and err.exists() else ""
+            raise AssertionError(f"the sweep ended (exit {proc.returncode}) before {what}:\n{tail}")
         try:
             value = predicate()
         except Exception:  # files half written, a study not created yet, sqlite busy

@@ -186,6 +186,38 @@ def test_a_new_study_database_opened_by_two_processes_at_once(tmp_path: Path, mo
     assert len(calls) == 1
 
 
+OPEN_STUDY = """
+import sys, time
+import optuna
+from sweeps.search import open_storage
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+study = optuna.create_study(study_name="s", storage=open_storage(sys.argv[1]), load_if_exists=True)
+print(study._study_id)
+"""
+
+
+def test_a_new_study_database_opened_by_many_processes_at_the_same_instant(tmp_path: Path) -> None:
+    """Real processes: four open each of three new sqlite study databases at the same instant (a
+    sweep creating its study while ``lada-sweep-report`` or a notebook opens it). Plain
+    ``RDBStorage`` fails here about one time in four ("table studies already exists", the
+    alembic_version stamp); through ``open_storage`` every process gets the one study."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.time() + 8  # every process has imported optuna by then
+    procs = [(db, subprocess.Popen([sys.executable, "-c", OPEN_STUDY, str(tmp_path / f"db{db}.db"), str(start)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             for db in range(3) for _ in range(4)]
+    ids: dict[int, set[str]] = {}
+    for db, p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        ids.setdefault(db, set()).add(out.strip())
+    assert all(len(v) == 1 for v in ids.values()), ids
+
+
 OPEN_STORE = """
 import sys, time
 from sweeps.tracking import get_or_create_experiment, open_client
