@@ -144,11 +144,8 @@ def load_backbone(
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         if pretrained and not _is_path_like(pretrained):
             if not _hub_reachable():
-                first = "huggingface.co is unreachable and the weights are not in the local cache"
-            raise BackboneError(
-                f"could not fetch pretrained weights {name}/{pretrained} ({first}); without network, "
-                f"download the checkpoint elsewhere and pass its path: --set backbone.pretrained=/path/to/ckpt.pt"
-            ) from None
+                first = UNREACHABLE
+            raise _cannot_fetch(name, pretrained, first) from None
         raise BackboneError(f"could not load {name} from {pretrained}: {first}") from None
     model.eval()
     for p in model.parameters():
@@ -180,6 +177,34 @@ def load_backbone(
         tokenizer=open_clip.get_tokenizer(name),
         transform_desc=desc,
     )
+
+
+UNREACHABLE = "huggingface.co is unreachable and the weights are not in the local cache"
+
+
+def _cannot_fetch(name: str, pretrained: str, why: str) -> BackboneError:
+    return BackboneError(
+        f"could not fetch pretrained weights {name}/{pretrained} ({why}); without network, "
+        f"download the checkpoint elsewhere and pass its path: --set backbone.pretrained=/path/to/ckpt.pt"
+    )
+
+
+def check_weights_available(name: str, pretrained: str | None, model_config_dir: str | None = None) -> None:
+    """Fail early, before any long work (a cluster, a sweep), when a pretrained tag's weights can be
+    neither found in the local cache nor fetched: :func:`load_backbone` would fail the same way later.
+    Checks the name and tag (:func:`check_model`); a path or random init needs nothing more."""
+    check_model(name, pretrained, model_config_dir)
+    if not pretrained or _is_path_like(pretrained) or _hub_reachable():
+        return
+    import open_clip
+
+    try:  # the hub is unreachable: open_clip's own lookup, on the local cache only
+        with _quiet_open_clip(), _hub_offline_if_unreachable(pretrained):
+            path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, pretrained))
+    except Exception:
+        path = ""
+    if not path or not Path(path).is_file():
+        raise _cannot_fetch(name, pretrained, UNREACHABLE)
 
 
 def identity(name: str, pretrained: str | None) -> str:

@@ -363,6 +363,7 @@ def check_inputs(s: Settings) -> tuple[Any, Any, Any]:
     """Everything that can be checked without Ray: returns (space, objective, TrialSpec)."""
     import optuna
 
+    from lada_core.backbone import check_weights_available
     from lada_core.benchmarks import benchmark_names
     from lada_core.config import build_config
     from search_spaces import get_space
@@ -376,6 +377,9 @@ def check_inputs(s: Settings) -> tuple[Any, Any, Any]:
     bench = cache_cfg.data.benchmark
     if bench not in benchmark_names() and not bench.endswith((".yaml", ".yml")):
         raise UsageError(f"unknown benchmark {bench!r} (valid: {', '.join(benchmark_names())}, or a benchmark .yaml file)")
+    # The driver loads the image encoder (the cache key) and every trial its text tower: weights that
+    # cannot be had are an error now, not after a cluster has started.
+    check_weights_available(cache_cfg.backbone.model, cache_cfg.backbone.pretrained, cache_cfg.backbone.model_config_dir)
     spec = TrialSpec(base_config=base.to_dict(), overrides=tuple(s.set), cache_path=None, objective=objective)
     # Every point the sweep will certainly evaluate, and a few samples, must give valid configs that
     # keep the cache's data and backbone.

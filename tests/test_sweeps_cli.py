@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from sweeps_helpers import SweepDirs, free_port, run_sweep, sweep_args
 
+from sweeps import run as run_module
 from sweeps.run import main
 
 
@@ -64,6 +65,21 @@ def test_unreachable_address(dirs: SweepDirs, capsys: pytest.CaptureFixture[str]
     assert f"127.0.0.1:{port}" in msg and "no Ray cluster" in msg
     msg = _bad(dirs, capsys, "--address", "not-an-address")
     assert "host:port" in msg
+
+
+def test_pretrained_weights_that_cannot_be_had(dirs: SweepDirs, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline with an empty weights cache: one line, exit 2, before Ray starts (it used to come after)."""
+    from huggingface_hub import constants
+
+    from lada_core import backbone
+
+    monkeypatch.setattr(backbone, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(dirs.root / "hub"))
+    started: list[object] = []
+    monkeypatch.setattr(run_module, "_connect_ray", lambda *a: started.append(a))
+    msg = _bad(dirs, capsys, "--space", "lada_smoke", "--set", "backbone.model=ViT-B-16", "--set", "backbone.pretrained=openai")
+    assert "could not fetch pretrained weights ViT-B-16/openai" in msg and "backbone.pretrained=/path/to/ckpt.pt" in msg
+    assert not started, "Ray was started before the weights were checked"
 
 
 def test_bad_resources_and_names(dirs: SweepDirs, capsys: pytest.CaptureFixture[str]) -> None:

@@ -197,3 +197,26 @@ def test_malformed_yaml_config(tmp_path: Path) -> None:
     bad.write_text("lada: {memory_size: [1, 2\n")
     out = subprocess.run([sys.executable, "-m", "lada_core.cli", "--config", str(bad), "--dry-run"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "malformed YAML" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_weights_available_in_the_local_cache_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline (the hub unreachable, as here), a pretrained tag passes the early check only when open_clip
+    finds its weights in the local Hugging Face cache; the weights file here is a stand-in (no real
+    weights exist offline), the check only looks for it."""
+    from huggingface_hub import constants
+
+    from lada_core import backbone as B
+
+    monkeypatch.setattr(B, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(B.BackboneError, match="could not fetch pretrained weights ViT-B-16/openai .*not in the local cache"):
+        B.check_weights_available("ViT-B-16", "openai")
+    repo = tmp_path / "hub" / "models--timm--vit_base_patch16_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "open_clip_pytorch_model.bin").write_bytes(b"stand-in")
+    B.check_weights_available("ViT-B-16", "openai")  # found: no error
+    B.check_weights_available("lada-tiny", None)  # random init needs nothing
+    with pytest.raises(B.BackboneError, match="unknown pretrained tag 'nope'"):
+        B.check_weights_available("ViT-B-16", "nope")
