@@ -262,7 +262,6 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         for old in workdir.glob("task-*"):
             shutil.rmtree(old)
         shutil.copytree(stored, workdir / stored.name)
-    reported = {"count": 0}
     last: dict[str, Any] = {}
 
     def report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -278,7 +277,6 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
         timings.report_s += time.time() - t_rep
-        reported["count"] += 1
         last["result"] = result
 
     def on_task_end(te: Any) -> None:
@@ -335,9 +333,7 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     finally:
         _restore_threads(threads)
         shutil.rmtree(root, ignore_errors=True)
-    if reported["count"] == 0 and "result" in last:
-        # Every task was already done (the trial finished just before a driver restart): report the
-        # final step again so that Tune, Optuna and MLflow see the trial's end.
-        final = dict(last["result"])
-        final[TASK_SECONDS] = time.time() - t0
-        tune.report(final)
+    # Every task already done and recorded by Tune (a trial restored from its last task's checkpoint:
+    # its node was lost, or a driver restart, just after that report): nothing is reported again.
+    # The function returns and Tune ends the trial with the result it holds (its "__duplicate__"
+    # path: the searcher and callbacks see the end, nothing is logged twice).

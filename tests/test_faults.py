@@ -187,6 +187,33 @@ def test_killed_worker_is_retried_from_its_last_task(dirs: SweepDirs) -> None:
     assert steps == list(range(7)), "the run was continued after the retry, every step once"
 
 
+def test_worker_lost_right_after_its_last_task_ends_the_trial_once(dirs: SweepDirs) -> None:
+    """The worker dies just after reporting its last task (its node lost then): Tune restores the
+    trial from that task's checkpoint, the trial has nothing left to do and reports nothing again, and
+    the trial completes once, with the result it had: no step twice in Ray's results or MLflow, one
+    COMPLETE value in Optuna."""
+    import optuna
+
+    name = "lastgasp"
+    marker = dirs.root / "died-after-last-task"
+    env = sweep_env(dirs, {**_hook_env(dirs.root / "test-hooks"), "LADA_TEST_DIE_AFTER_LAST": str(marker)})
+    res = run_sweep(dirs, sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "1", "--seed", "5", *BUDGET), env=env)
+    assert res.returncode == 0, res.stderr[-5000:]
+    assert marker.exists(), "the hook killed the worker after its last task"
+    s = summary(dirs, name)
+    assert s["trials"] == 1 and s["completed"] == 1, s["outcomes"]
+    ((tid, rows),) = tune_trial_results(dirs.folder(name)).items()
+    assert _steps(rows) == list(range(7)), "the last task is reported once"
+    assert {r["pid"] for r in rows} == {int(marker.read_text())}, "every report came from the worker that died"
+    study = optuna.load_study(study_name=name, storage=settings(dirs, name)["study_storage"])
+    (trial,) = study.trials
+    assert trial.state.name == "COMPLETE" and trial.value == pytest.approx(rows[-1]["objective"])
+    runs = _one_run_per_trial(dirs, name)
+    run, steps = runs[tid]
+    assert run.info.status == "FINISHED" and run.data.tags["lada.outcome"] == "completed"
+    assert steps == list(range(7))
+
+
 # -- 2. a worker node of a two-node cluster killed --------------------------------------------------------
 def test_lost_worker_node_trials_move_to_the_other_node(dirs: SweepDirs) -> None:
     name = "nodeloss"
@@ -359,6 +386,51 @@ DELAY = textwrap.dedent('''
         sys.meta_path.insert(0, _DelaySecondSuggest())
 ''')
 
+DIE_AFTER_LAST = textwrap.dedent('''
+    # Test hook (tests/test_faults.py): with LADA_TEST_DIE_AFTER_LAST set (a marker file), the first
+    # trial worker to finish its last task dies right after that task's report (as if its node went
+    # away then), once: the marker says it happened.
+    import os, sys
+    if os.environ.get("LADA_TEST_DIE_AFTER_LAST"):
+        import importlib.machinery
+
+        class _DieAfterLastTask:
+            def find_spec(self, name, path, target=None):
+                if name != "sweeps.distributed":
+                    return None
+                sys.meta_path.remove(self)
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+                run = spec.loader.exec_module
+
+                def exec_module(module):
+                    run(module)
+                    train = module.run_continual_parallel
+
+                    def then_die(*args, **kwargs):
+                        out = train(*args, **kwargs)
+                        marker = os.environ["LADA_TEST_DIE_AFTER_LAST"]
+                        try:
+                            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                        except FileExistsError:
+                            return out
+                        os.write(fd, str(os.getpid()).encode())
+                        os.close(fd)
+                        os._exit(1)
+                    module.run_continual_parallel = then_die
+                spec.loader.exec_module = exec_module
+                return spec
+        sys.meta_path.insert(0, _DieAfterLastTask())
+''')
+
+
+def _hook_env(folder: Path) -> dict[str, str]:
+    """The test hooks as a sitecustomize on PYTHONPATH (the driver's and Ray's workers' processes);
+    each hook acts only when its variable is set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(INJECT + DELAY + DIE_AFTER_LAST)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
 
 @contextmanager
 def _small_disk(path: Path, size: str = "64m") -> Iterator[tuple[Any, dict[str, str], bool]]:
@@ -366,10 +438,7 @@ def _small_disk(path: Path, size: str = "64m") -> Iterator[tuple[Any, dict[str, 
     else an injected ENOSPC in Ray's writes (a sitecustomize on PYTHONPATH). Yields ((fill, free),
     extra env with the test hooks, whether a tmpfs is mounted)."""
     path.mkdir(parents=True, exist_ok=True)
-    hook = path.parent / "test-hooks"
-    hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(INJECT + DELAY)  # each hook acts only when its variables are set
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    env = _hook_env(path.parent / "test-hooks")
     mounted = False
     if not os.environ.get("LADA_TEST_NO_MOUNT"):
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0

@@ -552,3 +552,69 @@ def test_tracker_background_thread(tracker_env: tuple[Any, str, str, str]) -> No
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, M.AVERAGE)] == [0, 1, 2]
     assert "accuracy_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+# -- the trial function: what a restored trial reports ------------------------------------------------
+@dataclass
+class _FakeTune:
+    """Stands in for the parts of ``ray.tune`` the trial function calls (no Ray): the checkpoint it is
+    restored from, and a record of every report (each checkpoint copied, as Tune persists it)."""
+
+    root: Path
+    restore_from: Any = None
+    reports: list[tuple[dict[str, Any], Path | None]] = field(default_factory=list)
+
+    def report(self, result: dict[str, Any], checkpoint: Any = None) -> None:
+        kept = None
+        if checkpoint is not None:
+            kept = self.root / f"kept-{len(self.reports):03d}"
+            checkpoint.to_directory(str(kept))
+        self.reports.append((dict(result), kept))
+
+
+def _run_trial(monkeypatch: pytest.MonkeyPatch, fake: _FakeTune, spec: TrialSpec) -> list[int]:
+    import ray
+    from ray import tune
+
+    from sweeps.trainable import lada_trainable
+
+    class Context:
+        def get_trial_id(self) -> str:
+            return "t0"
+
+        def get_trial_dir(self) -> str:
+            return str(fake.root)
+
+        def get_node_id(self) -> str:
+            return "node"
+
+    fake.reports.clear()
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: fake.restore_from)
+    monkeypatch.setattr(tune, "report", fake.report)
+    monkeypatch.setattr(tune, "get_context", Context)
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    lada_trainable({}, spec)
+    return [r[M.TASK_INDEX] for r, _ in fake.reports]
+
+
+def test_a_restored_trial_reports_each_task_once(mini_cache: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial restored from a task's checkpoint (its worker or node lost, a driver restart) reports
+    only the tasks after it, with the uninterrupted trial's results; one restored from its last task's
+    checkpoint reports nothing (Tune ends it with the result it already holds: a second report of the
+    last task was a duplicate step in Ray's results, seen when a node was lost just after that report)."""
+    from ray import tune
+
+    cfg, info, _ = mini_cache
+    spec = TrialSpec(base_config=cfg.to_dict(), cache_path=str(info.path), work_root=str(tmp_path / "work"))
+    fake = _FakeTune(tmp_path)
+    assert _run_trial(monkeypatch, fake, spec) == list(range(7))
+    whole = list(fake.reports)
+    assert all(ckpt is not None and (ckpt / f"task-{r[M.TASK_INDEX]:03d}" / "state.pt").is_file() for r, ckpt in whole)
+
+    fake.restore_from = tune.Checkpoint.from_directory(str(whole[3][1]))
+    assert _run_trial(monkeypatch, fake, spec) == [4, 5, 6]
+    for (again, _), (first, _) in zip(fake.reports, whole[4:]):
+        assert again[OBJECTIVE] == pytest.approx(first[OBJECTIVE], abs=1e-9)
+
+    fake.restore_from = tune.Checkpoint.from_directory(str(whole[6][1]))
+    assert _run_trial(monkeypatch, fake, spec) == []
