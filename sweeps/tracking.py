@@ -397,9 +397,41 @@ class MlflowTracker(Callback):
             self.calls += 1 + len(closed)
             if closed:
                 logger.info("MLflow: closed %d runs of trials that a stopped driver never saved", len(closed))
+            ended = self._close_ended(trials)
+            if ended:
+                logger.info("MLflow: closed %d runs of trials that ended before a stopped driver closed them", ended)
         except Exception as exc:
             self._mark_down(exc)
             self._orphans_checked = False
+
+    def _close_ended(self, trials: list[Trial]) -> int:
+        """Close the runs still RUNNING of trials Tune restored as ended (a driver killed after a
+        trial's last result but before its run was closed; Tune never runs such a trial again, so no
+        hook would close it): the steps MLflow lacks from ``result.json``, then the trial's end, as
+        ``on_trial_complete`` / ``on_trial_error`` write it. Returns how many runs it closed."""
+        ended = {t.trial_id: t for t in trials if getattr(t, "status", None) in ("TERMINATED", "ERROR")}
+        if not ended:
+            return 0
+        running = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
+            max_results=5000,
+        )
+        self.calls += 1
+        n = 0
+        for r in running:
+            trial = ended.get(r.data.tags.get(TRIAL_ID_TAG, ""))
+            if trial is None:
+                continue
+            self.runs[trial.trial_id] = r.info.run_id
+            self.finished.discard(trial.trial_id)
+            self.run_id_for(trial)  # what MLflow has, and the steps it lacks from result.json
+            if trial.status == "ERROR":
+                self._end_with_error(trial)
+            else:
+                self._end(trial)
+            n += 1
+        return n
 
     @_timed
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -478,6 +510,9 @@ class MlflowTracker(Callback):
 
     @_timed
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._end(trial)
+
+    def _end(self, trial: Trial) -> None:
         result = trial.last_result or {}
         if result.get(DIVERGED):
             self.finish(trial, "FAILED", "diverged", str(result.get(ERROR, "training diverged")))
@@ -488,6 +523,9 @@ class MlflowTracker(Callback):
 
     @_timed
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._end_with_error(trial)
+
+    def _end_with_error(self, trial: Trial) -> None:
         message = ""
         try:
             err = trial.get_error()

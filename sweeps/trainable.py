@@ -32,6 +32,9 @@ DIVERGED = "diverged"
 NODE_ID = "node_id"
 WORLD_SIZE = "world_size"
 ERROR = "error_message"
+REPLAYED = "replayed"
+"""1 on a step a restarted driver's trial reports again from a stored checkpoint, without training
+(the killed driver had it done but Tune's saved state did not): its ``task_seconds`` is 0."""
 STORAGE_WAIT_S = 120.0
 """How long a trial that could not write to storage waits for the driver to stop the sweep."""
 TIMINGS_ENV = "LADA_TRIAL_TIMINGS"
@@ -289,6 +292,7 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
                 # Done before a driver restart that Tune never recorded: report it again (no training),
                 # with the checkpoint on the last such step. MLflow skips steps it already has.
                 ckpt = Path(te.checkpoint_dir)
+                result[REPLAYED] = 1
                 report(result, ckpt if (ckpt / "state.pt").is_file() else None)
             return
         report(result, Path(te.checkpoint_dir))

@@ -31,6 +31,7 @@ from sweeps_helpers import (
 )
 
 from lada_core import metrics as M
+from sweeps.trainable import REPLAYED, TASK_SECONDS
 
 pytestmark = pytest.mark.slow
 
@@ -162,16 +163,19 @@ def test_resume_after_the_driver_is_killed(dirs: SweepDirs) -> None:
     try:
         study_db = dirs.folder(name) / "optuna.db"
 
+        at_kill: dict[str, int] = {}  # the trial caught mid-sweep -> its tasks Ray's results held then
+
         def one_done_one_running() -> bool:
             if not study_db.exists():
                 return False
             study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_db}")
-            done = {t.user_attrs.get("ray_trial_id") for t in study.trials if t.state.name == "COMPLETE"}
-            if not done:
+            states = {t.user_attrs.get("ray_trial_id"): t.state.name for t in study.trials}
+            if "COMPLETE" not in states.values():
                 return False
             results = tune_trial_results(dirs.folder(name))
             # another trial has reported a task but not its last one
-            return any(tid not in done and 1 <= len(rows) <= 5 for tid, rows in results.items())
+            at_kill.update({tid: len(rows) for tid, rows in results.items() if states.get(tid) == "RUNNING" and 1 <= len(rows) <= 5})
+            return bool(at_kill)
 
         _poll(one_done_one_running, 300, "one finished trial and another one mid-sweep")
     finally:
@@ -192,12 +196,18 @@ def test_resume_after_the_driver_is_killed(dirs: SweepDirs) -> None:
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     results = tune_trial_results(dirs.folder(name))
     assert len(results) == 4
-    resumed = 0
     for tid, rows in results.items():
         steps = [r[M.TASK_INDEX] for r in rows]
         assert steps == list(range(7)), (tid, steps)  # every task once: nothing reran
-        resumed += len({r["pid"] for r in rows}) > 1
-    assert resumed >= 1, "a trial was continued from its checkpoint by the new driver"
+    # The trial caught mid-sweep was continued from its checkpoint, not trained again: the tasks it
+    # had done are the killed driver's rows (Tune's saved state had them) or rows the new driver
+    # replayed from the stored checkpoints without training (the saved state was older).
+    ((tid, had),) = at_kill.items()
+    new_pid = results[tid][-1]["pid"]
+    kept = [r[M.TASK_INDEX] for r in results[tid] if r["pid"] != new_pid or r.get(REPLAYED) == 1]
+    seen = [(r[M.TASK_INDEX], r["pid"], r.get(REPLAYED), r[TASK_SECONDS]) for r in results[tid]]
+    assert kept == list(range(len(kept))) and len(kept) >= had, f"trained again after the kill (it had {had} tasks): {seen}"
+    assert all(r[TASK_SECONDS] == 0 for r in results[tid] if r.get(REPLAYED) == 1)
     runs = _mlflow_checks(dirs, name, expect_finished=4)
     assert {r.data.tags["lada.trial_id"] for r in runs} == {t.user_attrs["ray_trial_id"] for t in finished}
     others = [r for r in child_runs(dirs.mlflow_uri, st["parent_run_id"]) if r.info.status != "FINISHED"]

@@ -306,6 +306,7 @@ class FakeTrial:
     last_result: dict[str, Any] = field(default_factory=dict)
     checkpoint: Any = None
     local_path: str | None = None
+    status: str = "RUNNING"
 
     @property
     def trial_name(self) -> str:
@@ -412,6 +413,61 @@ def test_tracker_child_runs_batching_and_resume(tracker_env: tuple[Any, str, str
     assert client.get_run(tr3.runs["t4"]).info.status == "KILLED"
     children = client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in children) == ["t1", "t2", "t3", "t4"], "one run per trial"
+
+
+def test_tracker_closes_runs_of_trials_that_ended_before_the_driver_was_killed(tracker_env: tuple[Any, str, str, str],
+                                                                             tmp_path: Path) -> None:
+    """A driver killed after a trial's last result (Tune saved it as ended) but before its run was
+    closed: the resumed driver's first step closes that run, with the steps MLflow lacked (from the
+    trial's result.json), the matrix and the outcome; an errored trial's run is closed FAILED; a run
+    already closed is left as it is."""
+    import json
+
+    from sweeps.tracking import MATRIX_CSV, OUTCOME_TAG
+
+    client, uri, exp, parent = tracker_env
+    tr = _tracker(uri, exp, parent)
+
+    def result(trial: FakeTrial, step: int) -> None:
+        with (Path(trial.local_path) / "result.json").open("a") as f:
+            f.write(json.dumps(_result(step)) + "\n")
+        tr.on_trial_result(0, [trial], trial, _result(step))
+        trial.last_result = _result(step)
+
+    trials = []
+    for tid in ("t1", "t2", "t3"):
+        (tmp_path / tid).mkdir()
+        trials.append(FakeTrial(tid, {"optim.lr": 0.001}, local_path=str(tmp_path / tid)))
+        tr.on_trial_start(0, trials, trials[-1])
+        result(trials[-1], 0)
+    t1, t2, t3 = trials
+    for step in (1, 2):
+        result(t3, step)
+    t3.status = "TERMINATED"
+    tr.on_trial_complete(0, trials, t3)  # t3 ended and its run was closed
+    for step in (1, 2):  # t1's and t2's last steps stay queued: the driver is killed
+        result(t1, step)
+        result(t2, step)
+    closed_before = client.get_run(tr.runs["t3"]).info.end_time
+    state = tr.get_state()
+    tr._pending.clear()  # t1's and t2's last steps die with the driver
+    for tid in ("t1", "t2"):
+        assert [m.step for m in client.get_metric_history(tr.runs[tid], M.AVERAGE)] == [0], "MLflow lacks steps 1 and 2"
+    # The state Tune saved says t1 and t2 ended (t1 completed, t2 errored); their runs are RUNNING.
+    t1.status, t2.status = "TERMINATED", "ERROR"
+    tr2 = _tracker(uri, exp, parent)
+    tr2.set_state(state)
+    tr2.on_step_begin(0, trials)
+    r1, r2, r3 = (client.get_run(tr.runs[t]) for t in ("t1", "t2", "t3"))
+    assert r1.info.status == "FINISHED" and r1.data.tags[OUTCOME_TAG] == "completed"
+    assert r2.info.status == "FAILED" and r2.data.tags[OUTCOME_TAG] == "failed"
+    assert r3.info.status == "FINISHED" and r3.info.end_time == closed_before, "a closed run is left as it is"
+    for r in (r1, r2):
+        assert [m.step for m in client.get_metric_history(r.info.run_id, M.AVERAGE)] == [0, 1, 2], "every step once"
+    csv = Path(client.download_artifacts(r1.info.run_id, MATRIX_CSV)).read_text().splitlines()
+    assert len(csv) == 4 and csv[3].startswith("d2,70.0000")
+    tr2.on_step_begin(1, trials)
+    assert [m.step for m in client.get_metric_history(r1.info.run_id, M.TASK_INDEX)] == [0, 1, 2]
 
 
 class FlakyClient:
