@@ -569,7 +569,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
         s.dataset_names = list(bundle.task_names)
         from dataclasses import replace
 
-        spec = replace(spec, cache_path=str(info.path), results_dir=None if is_uri(folder) else folder)
+        from sweeps.storage import DRIVER_SESSION
+
+        spec = replace(spec, cache_path=str(info.path), results_dir=None if is_uri(folder) else folder, driver_session=DRIVER_SESSION)
         try:
             prepared = mlflow_ready.result() if mlflow_ready is not None else None
             client, exp_id, parent = open_parent_run(s, spec.config({}).data.benchmark, info, prepared)
@@ -605,7 +607,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
             from ray.tune.schedulers import FIFOScheduler
 
             scheduler = FIFOScheduler()
-        from sweeps.storage import StorageGuard
+        from sweeps.storage import ResultLedger, StorageGuard
 
         tracker = MlflowTracker(s.mlflow_uri, exp_id, parent, sweep_name=s.name, spec=spec, extra_tags={"lada.space": s.space})
         guard = StorageGuard(folder)
@@ -614,7 +616,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         run_config = tune.RunConfig(
             name=s.name,
             storage_path=s.storage,
-            callbacks=[tracker, guard],
+            callbacks=[tracker, guard, *([] if is_uri(folder) else [ResultLedger(folder)])],
             stop=guard,  # only used when Tune's interrupt handler is missing (see sweeps.storage)
             # Each task checkpoint holds the whole state: keep the last two (Tune forces an experiment
             # snapshot every num_to_keep trial checkpoints, so 1 would snapshot at every task).
@@ -636,6 +638,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
         t_fit = time.time()
         tuner = None
         guard.install_filters()
+        from sweeps.tune_fixes import ignore_stale_task_failures
+
+        ignore_stale_task_failures()  # a node lost: Tune must not end a trial it has requeued
         try:
             if args.resume and tune.Tuner.can_restore(folder):
                 tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)

@@ -647,6 +647,7 @@ class MlflowTracker(Callback):
             if checkpoint is not None:
                 ckpt_dir = tmp / "checkpoint"
                 checkpoint.to_directory(str(ckpt_dir))
+                _newest_into(ckpt_dir, getattr(self.spec, "results_dir", None), tid)
             self.calls += write_trial_end(self.client, run_id, status, tags, rows, names, config_yaml, ckpt_dir)
             self._mark_up()
         except Exception as exc:
@@ -656,6 +657,18 @@ class MlflowTracker(Callback):
                 self._deferred[tid] = (trial, status, outcome, message)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _newest_into(ckpt_dir: Path, results_dir: str | None, trial_id: str) -> None:
+    """Put the trial's newest stored task checkpoint in ``ckpt_dir`` when it is newer than the one
+    Tune holds (Tune lost the last one's registration with the worker: see
+    :class:`sweeps.storage.ResultLedger`)."""
+    from sweeps.trainable import _task_index, newest_stored_checkpoint
+
+    newest = newest_stored_checkpoint(results_dir, trial_id)
+    if newest is not None and int(newest.name.split("-")[1]) > _task_index(ckpt_dir):
+        shutil.rmtree(ckpt_dir)
+        shutil.copytree(newest, ckpt_dir / newest.name)
 
 
 def outcome_tags(outcome: str, tasks_done: Any, message: str = "") -> dict[str, str]:

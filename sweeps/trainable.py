@@ -85,6 +85,7 @@ class TrialSpec:
     objective: Objective = field(default_factory=lambda: Objective({M.AVERAGE: 1.0}))
     work_root: str | None = None  # node-local folder for the trainer's output (default: the temp dir)
     results_dir: str | None = None  # the sweep's folder when it is a local or shared path (not a URI)
+    driver_session: str | None = None  # the driver running the trial (sweeps.storage.DRIVER_SESSION)
 
     def config(self, sample: Mapping[str, Any]) -> Any:
         """The trial's Config: base < sample < --set."""
@@ -265,6 +266,11 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         for old in workdir.glob("task-*"):
             shutil.rmtree(old)
         shutil.copytree(stored, workdir / stored.name)
+    # The last step this driver recorded (sweeps.storage.ResultLedger): newer than Tune's checkpoint
+    # when the worker was lost after Tune took a result but before it fetched that result's checkpoint.
+    from sweeps.storage import recorded_step
+
+    recorded = max(tune_known, recorded_step(spec.results_dir, trial_id, spec.driver_session))
     last: dict[str, Any] = {}
 
     def report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -288,9 +294,10 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         result[WORLD_SIZE] = world
         if getattr(te, "resumed", False):
             last["result"] = result
-            if te.task_index > tune_known:
-                # Done before a driver restart that Tune never recorded: report it again (no training),
-                # with the checkpoint on the last such step. MLflow skips steps it already has.
+            if te.task_index > recorded:
+                # Done, but not recorded by this driver (a driver restart after it, or a worker lost
+                # before its report reached the driver): report it again (no training), with the
+                # checkpoint on the last such step. MLflow skips steps it already has.
                 ckpt = Path(te.checkpoint_dir)
                 result[REPLAYED] = 1
                 report(result, ckpt if (ckpt / "state.pt").is_file() else None)

@@ -674,3 +674,120 @@ def test_a_restored_trial_reports_each_task_once(mini_cache: Any, tmp_path: Path
 
     fake.restore_from = tune.Checkpoint.from_directory(str(whole[6][1]))
     assert _run_trial(monkeypatch, fake, spec) == []
+
+
+def test_a_restored_trial_skips_steps_its_driver_already_recorded(mini_cache: Any, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune took a trial's results up to task 5 but the worker was lost before Tune fetched the
+    checkpoints of tasks 4 and 5 (Tune fetches a result's checkpoint in a second call): restored from
+    task 3, the trial finds task 5 stored in the sweep's folder. The ledger of this driver says it
+    has task 5: only task 6 is reported (no duplicate step in Ray's results). Without a ledger, or
+    with a ledger of another (killed) driver, tasks 4 and 5 are reported again, marked replayed, not
+    trained. A trial restored from task 3 whose driver recorded its last task reports nothing."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from ray import tune
+
+    from sweeps.storage import ResultLedger, recorded_file, recorded_step
+    from sweeps.trainable import REPLAYED, TASK_SECONDS
+
+    cfg, info, _ = mini_cache
+    results = tmp_path / "results"
+    spec = TrialSpec(base_config=cfg.to_dict(), cache_path=str(info.path), work_root=str(tmp_path / "work"),
+                     results_dir=str(results), driver_session="this-driver")
+    fake = _FakeTune(tmp_path)
+    assert _run_trial(monkeypatch, fake, replace(spec, results_dir=None)) == list(range(7))
+    whole = list(fake.reports)
+    trial_dir = results / "lada_trainable_t0_00000_0_2026"
+
+    def stored(task: int) -> None:
+        shutil.rmtree(trial_dir, ignore_errors=True)
+        shutil.copytree(whole[task][1], trial_dir / f"checkpoint_{task:06d}")
+
+    def ledger(session: str, step: int) -> None:
+        recorded_file(results, "t0").parent.mkdir(parents=True, exist_ok=True)
+        recorded_file(results, "t0").write_text(json.dumps({"session": session, "step": step}))
+
+    fake.restore_from = tune.Checkpoint.from_directory(str(whole[3][1]))
+    stored(5)
+    ledger("this-driver", 5)
+    assert _run_trial(monkeypatch, fake, spec) == [6]
+    assert not fake.reports[0][0].get(REPLAYED) and fake.reports[0][0][OBJECTIVE] == pytest.approx(whole[6][0][OBJECTIVE], abs=1e-9)
+
+    for other in ("a-killed-driver", None):
+        if other is None:
+            recorded_file(results, "t0").unlink()
+        else:
+            ledger(other, 5)
+        assert _run_trial(monkeypatch, fake, spec) == [4, 5, 6]
+        assert [r.get(REPLAYED) for r, _ in fake.reports] == [1, 1, None]
+        assert [r[TASK_SECONDS] == 0 for r, _ in fake.reports] == [True, True, False]
+        assert fake.reports[1][1] is not None, "the last replayed step carries its checkpoint"
+
+    stored(6)
+    ledger("this-driver", 6)
+    assert _run_trial(monkeypatch, fake, spec) == []
+
+    # That trial ends with Tune holding task 3's checkpoint: its MLflow run gets the stored task 6.
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import MlflowTracker, get_or_create_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = get_or_create_experiment(client, "t", uri)
+    tracker = MlflowTracker(uri, exp, client.create_run(exp, run_name="sweep").info.run_id, spec=spec, background=False)
+    trial = FakeTrial("t0", {}, last_result=whole[6][0], checkpoint=fake.restore_from)
+    tracker.on_trial_start(0, [trial], trial)
+    tracker.on_trial_complete(0, [trial], trial)
+    assert [a.path for a in client.list_artifacts(tracker.runs["t0"], "checkpoint")] == ["checkpoint/task-006"]
+
+    # The ledger as the driver writes it.
+    class Trial:
+        trial_id = "t9"
+
+    cb = ResultLedger(str(results))
+    cb.on_trial_result(0, [], Trial(), {M.TASK_INDEX: 2})
+    cb.on_trial_result(0, [], Trial(), {"done": True})
+    from sweeps.storage import DRIVER_SESSION
+
+    assert recorded_step(results, "t9", DRIVER_SESSION) == 2 and recorded_step(results, "t9", "other") == -1
+    assert recorded_step(None, "t9", DRIVER_SESSION) == -1 and recorded_step(results, "t1", DRIVER_SESSION) == -1
+    recorded_file(results, "t9").write_text("{")
+    assert recorded_step(results, "t9", DRIVER_SESSION) == -1
+    (tmp_path / "a-file").write_text("x")
+    ResultLedger(str(tmp_path / "a-file" / "below")).on_trial_result(0, [], Trial(), {M.TASK_INDEX: 1})  # unwritable: ignored
+
+
+def test_a_failure_of_an_actor_a_requeued_trial_no_longer_has_is_ignored() -> None:
+    """Tune (2.60) requeues a trial whose actor failed (PENDING, no actor), then a second failure of
+    the same dead actor ended it as ERROR: the guard drops failures reaching a PENDING trial without
+    an actor and passes every other one to Tune."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    from sweeps.tune_fixes import _IgnoreStale, ignore_stale_task_failures
+
+    assert ignore_stale_task_failures() and ignore_stale_task_failures()
+    guard = TuneController.__dict__["_trial_task_failure"]
+    assert isinstance(guard, _IgnoreStale) and not isinstance(guard.original, _IgnoreStale), "installed once"
+
+    seen: list[tuple[str, str]] = []
+
+    class Controller:
+        _trial_task_failure = _IgnoreStale(lambda self, trial, exc: seen.append((trial.name, str(exc))))
+
+        def __init__(self) -> None:
+            self._trial_to_actor: dict[Any, Any] = {}
+
+    class T:
+        def __init__(self, name: str, status: str) -> None:
+            self.name, self.status = name, status
+
+    c = Controller()
+    requeued, running, pending_with_actor = T("requeued", "PENDING"), T("running", "RUNNING"), T("starting", "PENDING")
+    c._trial_to_actor[running] = c._trial_to_actor[pending_with_actor] = object()
+    for trial in (requeued, running, pending_with_actor):
+        c._trial_task_failure(trial, RuntimeError("The actor is unavailable"))
+    assert seen == [("running", "The actor is unavailable"), ("starting", "The actor is unavailable")]
