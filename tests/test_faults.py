@@ -369,72 +369,72 @@ INJECT = textwrap.dedent('''
         _fs.copy_files = copy_files
 ''')
 
+AFTER_IMPORT = textwrap.dedent('''
+    # Test hooks (tests/test_faults.py): _after_import(name, patch) calls patch(module) right after
+    # the first import of module `name` has run it.
+    import importlib.machinery, os, sys
+
+    class _AfterImport:
+        def __init__(self, name, patch):
+            self.name, self.patch = name, patch
+
+        def find_spec(self, name, path, target=None):
+            if name != self.name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                self.patch(module)
+            spec.loader.exec_module = exec_module
+            return spec
+
+    def _after_import(name, patch):
+        sys.meta_path.insert(0, _AfterImport(name, patch))
+''')
+
 DELAY = textwrap.dedent('''
     # Test hook (tests/test_faults.py): with LADA_TEST_DELAY_SUGGEST set, the driver's searcher waits
     # that many seconds before it asks Optuna for the second trial, so the disk is full by then: the
     # failure meets the study database (sqlite), not a trial's write.
-    import os, sys
     if os.environ.get("LADA_TEST_DELAY_SUGGEST"):
-        import importlib.machinery, time
+        import time
 
-        class _DelaySecondSuggest:
-            def find_spec(self, name, path, target=None):
-                if name != "sweeps.search":
-                    return None
-                sys.meta_path.remove(self)
-                spec = importlib.machinery.PathFinder.find_spec(name, path)
-                run = spec.loader.exec_module
+        def _delay_second_suggest(module):
+            cls, calls = module.LadaOptunaSearch, []
+            suggest = cls.suggest
 
-                def exec_module(module):
-                    run(module)
-                    cls, calls = module.LadaOptunaSearch, []
-                    suggest = cls.suggest
-
-                    def delayed(self, trial_id):
-                        calls.append(trial_id)
-                        if len(calls) == 2:
-                            time.sleep(float(os.environ["LADA_TEST_DELAY_SUGGEST"]))
-                        return suggest(self, trial_id)
-                    cls.suggest = delayed
-                spec.loader.exec_module = exec_module
-                return spec
-        sys.meta_path.insert(0, _DelaySecondSuggest())
+            def delayed(self, trial_id):
+                calls.append(trial_id)
+                if len(calls) == 2:
+                    time.sleep(float(os.environ["LADA_TEST_DELAY_SUGGEST"]))
+                return suggest(self, trial_id)
+            cls.suggest = delayed
+        _after_import("sweeps.search", _delay_second_suggest)
 ''')
 
 DIE_AFTER_LAST = textwrap.dedent('''
     # Test hook (tests/test_faults.py): with LADA_TEST_DIE_AFTER_LAST set (a marker file), the first
     # trial worker to finish its last task dies right after that task's report (as if its node went
     # away then), once: the marker says it happened.
-    import os, sys
     if os.environ.get("LADA_TEST_DIE_AFTER_LAST"):
-        import importlib.machinery
+        def _die_after_last_task(module):
+            train = module.run_continual_parallel
 
-        class _DieAfterLastTask:
-            def find_spec(self, name, path, target=None):
-                if name != "sweeps.distributed":
-                    return None
-                sys.meta_path.remove(self)
-                spec = importlib.machinery.PathFinder.find_spec(name, path)
-                run = spec.loader.exec_module
-
-                def exec_module(module):
-                    run(module)
-                    train = module.run_continual_parallel
-
-                    def then_die(*args, **kwargs):
-                        out = train(*args, **kwargs)
-                        marker = os.environ["LADA_TEST_DIE_AFTER_LAST"]
-                        try:
-                            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                        except FileExistsError:
-                            return out
-                        os.write(fd, str(os.getpid()).encode())
-                        os.close(fd)
-                        os._exit(1)
-                    module.run_continual_parallel = then_die
-                spec.loader.exec_module = exec_module
-                return spec
-        sys.meta_path.insert(0, _DieAfterLastTask())
+            def then_die(*args, **kwargs):
+                out = train(*args, **kwargs)
+                marker = os.environ["LADA_TEST_DIE_AFTER_LAST"]
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    return out
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os._exit(1)
+            module.run_continual_parallel = then_die
+        _after_import("sweeps.distributed", _die_after_last_task)
 ''')
 
 
@@ -442,7 +442,7 @@ def _hook_env(folder: Path) -> dict[str, str]:
     """The test hooks as a sitecustomize on PYTHONPATH (the driver's and Ray's workers' processes);
     each hook acts only when its variable is set."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(INJECT + DELAY + DIE_AFTER_LAST)
+    (folder / "sitecustomize.py").write_text(INJECT + AFTER_IMPORT + DELAY + DIE_AFTER_LAST)
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
 
