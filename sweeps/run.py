@@ -643,6 +643,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
         ignore_stale_task_failures()  # a node lost: Tune must not end a trial it has requeued
         try:
             if args.resume and tune.Tuner.can_restore(folder):
+                from sweeps.search import expect_tune_trials, saved_tune_trials
+
+                expect_tune_trials(None if is_uri(folder) else saved_tune_trials(folder))
                 tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
                 _apply_runtime_overrides(tuner, args)
             else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,33 @@ logger = logging.getLogger(__name__)
 
 RAY_TRIAL_ID_ATTR = "ray_trial_id"
 STUDY_FILE = "optuna.db"
+_saved_tune_trials: set[str] | None = None  # set by the driver before Tuner.restore (expect_tune_trials)
+
+
+def expect_tune_trials(trial_ids: Iterable[str] | None) -> None:
+    """The trial ids of the experiment state a ``Tuner.restore`` is about to load (None: unknown). The
+    restored searcher (unpickled by Tune, in this process) reconciles the study with them."""
+    global _saved_tune_trials
+    _saved_tune_trials = None if trial_ids is None else set(trial_ids)
+
+
+def saved_tune_trials(folder: str | Path) -> set[str] | None:
+    """The trial ids in the newest ``experiment_state-*.json`` of a local sweep folder (the one
+    ``Tuner.restore`` loads); None when there is none or it cannot be read."""
+    import json
+
+    states = sorted(Path(folder).glob("experiment_state-*.json"))
+    if not states:
+        return None
+    try:
+        data = json.loads(states[-1].read_text())
+        out = set()
+        for entry in data["trial_data"]:
+            state = entry[0]
+            out.add(str((json.loads(state) if isinstance(state, str) else state)["trial_id"]))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def storage_url_for(folder: str | Path) -> str:
@@ -198,11 +225,28 @@ class LadaOptunaSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        self.fail_orphans()
+        self.fail_orphans(_saved_tune_trials)
 
-    def fail_orphans(self) -> list[int]:
+    def fail_orphans(self, tune_trials: Iterable[str] | None = None) -> list[int]:
         """Mark FAIL the study's RUNNING trials that no Tune trial owns (asked by a driver that was
-        killed before it saved its state): they would otherwise stay RUNNING forever."""
+        killed before it saved its state): they would otherwise stay RUNNING forever.
+
+        ``tune_trials``, the trial ids of the experiment state Tune restores, reconciles the two
+        saved states first (a driver killed while uploading a snapshot can leave an experiment state
+        newer than the searcher's, or the other way round): a RUNNING trial of the study that Tune
+        restores is adopted by its ``ray_trial_id`` (it runs again and is told its end), and one the
+        searcher holds but Tune does not know is dropped, then failed here."""
+        if tune_trials is not None:
+            tune_trials = set(tune_trials)
+            for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                rid = t.user_attrs.get(RAY_TRIAL_ID_ATTR)
+                if rid in tune_trials and rid not in self._ot_trials:
+                    self._ot_trials[rid] = optuna.trial.Trial(self._ot_study, t._trial_id)
+                    logger.info("Optuna trial %d adopted by its Tune trial %s", t.number, rid)
+            running = {t.number for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            for rid, ot_trial in list(self._ot_trials.items()):
+                if rid not in tune_trials and ot_trial.number in running:
+                    del self._ot_trials[rid]
         owned = {t.number for t in self._ot_trials.values()}
         failed = []
         for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

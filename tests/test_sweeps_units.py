@@ -279,6 +279,60 @@ def test_searcher_rerun_does_not_enqueue_twice_and_fails_orphans(tmp_path: Path)
     assert s2.suggest("t9") == DEFAULTS
 
 
+def test_restored_searcher_reconciles_with_the_trials_tune_restores(tmp_path: Path) -> None:
+    """A driver killed while uploading a snapshot: Tune's experiment state knows t1 but the
+    searcher's saved state predates t1 (the searcher state is uploaded after it). The restored
+    searcher adopts t1 (it was failed as an orphan, and its end never told). A searcher state that
+    holds a trial Tune's state lacks (the other way round) fails that trial."""
+    import json
+
+    from sweeps.search import expect_tune_trials, saved_tune_trials
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = _searcher(url)
+    s.suggest("t0")
+    s.on_trial_complete("t0", {OBJECTIVE: 50.0, TASKS_DONE: 3, NUM_TASKS: 3})
+    s.save(str(tmp_path / "old-state.pkl"))  # the searcher state on disk when the driver dies
+    s.suggest("t1")
+    s.on_trial_result("t1", {OBJECTIVE: 40.0, M.TASK_INDEX: 0})
+    s.suggest("t2")
+
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    trial_data = [[json.dumps({"trial_id": tid, "status": "RUNNING"}), "{}"] for tid in ("t0", "t1")]
+    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": [trial_data[0]]}))
+    (folder / "experiment_state-2026-01-02_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
+    assert saved_tune_trials(folder) == {"t0", "t1"}, "the newest experiment state"
+    assert saved_tune_trials(tmp_path / "nothing-here") is None
+
+    try:
+        expect_tune_trials(saved_tune_trials(folder))
+        r = _searcher(url)
+        r.restore(str(tmp_path / "old-state.pkl"))
+        for step in range(3):
+            r.on_trial_result("t1", {OBJECTIVE: 41.0 + step, M.TASK_INDEX: step})
+        r.on_trial_complete("t1", {OBJECTIVE: 43.0, TASKS_DONE: 3, NUM_TASKS: 3})
+        by_id = {t.user_attrs["ray_trial_id"]: t for t in r.study.get_trials()}
+        assert by_id["t1"].state == TrialState.COMPLETE and by_id["t1"].value == 43.0
+        assert sorted(by_id["t1"].intermediate_values) == [0, 1, 2]
+        assert by_id["t2"].state == TrialState.FAIL, "asked, but neither Tune nor the searcher holds it"
+
+        # The other way round: the searcher's state holds u1, Tune's state does not.
+        b = _searcher(url, "b")
+        b.suggest("u0")
+        b.suggest("u1")
+        b.save(str(tmp_path / "b-state.pkl"))
+        expect_tune_trials({"u0"})
+        rb = _searcher(url, "b")
+        rb.restore(str(tmp_path / "b-state.pkl"))
+        states = {t.user_attrs["ray_trial_id"]: t.state for t in rb.study.get_trials()}
+        assert states == {"u0": TrialState.RUNNING, "u1": TrialState.FAIL}
+        rb.on_trial_complete("u0", {OBJECTIVE: 30.0, TASKS_DONE: 3, NUM_TASKS: 3})
+        assert rb.study.get_trials()[0].state == TrialState.COMPLETE
+    finally:
+        expect_tune_trials(None)
+
+
 def test_importances_follow_the_direction() -> None:
     """Parameter 'a' decides whether a trial reaches HIGH accuracy; 'b' only spreads the low ones.
     Our importances rank 'a' first; PED-ANOVA given the accuracy as target ranks for LOW values."""
