@@ -236,20 +236,21 @@ class LadaOptunaSearch(OptunaSearch):
         newer than the searcher's, or the other way round): a RUNNING trial of the study that Tune
         restores is adopted by its ``ray_trial_id`` (it runs again and is told its end), and one the
         searcher holds but Tune does not know is dropped, then failed here."""
+        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if tune_trials is not None:
             tune_trials = set(tune_trials)
-            for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            for t in running:
                 rid = t.user_attrs.get(RAY_TRIAL_ID_ATTR)
                 if rid in tune_trials and rid not in self._ot_trials:
                     self._ot_trials[rid] = optuna.trial.Trial(self._ot_study, t._trial_id)
                     logger.info("Optuna trial %d adopted by its Tune trial %s", t.number, rid)
-            running = {t.number for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            numbers = {t.number for t in running}
             for rid, ot_trial in list(self._ot_trials.items()):
-                if rid not in tune_trials and ot_trial.number in running:
+                if rid not in tune_trials and ot_trial.number in numbers:
                     del self._ot_trials[rid]
         owned = {t.number for t in self._ot_trials.values()}
         failed = []
-        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        for t in running:
             if t.number not in owned:
                 try:
                     self._ot_study.tell(t.number, state=TrialState.FAIL)

@@ -393,31 +393,24 @@ class MlflowTracker(Callback):
             return
         self._orphans_checked = True
         try:
-            closed = close_orphans(self.client, self.experiment_id, self.parent_run_id, [t.trial_id for t in trials])
+            running = running_children(self.client, self.experiment_id, self.parent_run_id)
+            closed = close_orphans(self.client, self.experiment_id, self.parent_run_id, [t.trial_id for t in trials], running)
             self.calls += 1 + len(closed)
             if closed:
                 logger.info("MLflow: closed %d runs of trials that a stopped driver never saved", len(closed))
-            ended = self._close_ended(trials)
+            ended = self._close_ended(trials, running)
             if ended:
                 logger.info("MLflow: closed %d runs of trials that ended before a stopped driver closed them", ended)
         except Exception as exc:
             self._mark_down(exc)
             self._orphans_checked = False
 
-    def _close_ended(self, trials: list[Trial]) -> int:
-        """Close the runs still RUNNING of trials Tune restored as ended (a driver killed after a
+    def _close_ended(self, trials: list[Trial], running: list[Any]) -> int:
+        """Close the ``running`` runs of trials Tune restored as ended (a driver killed after a
         trial's last result but before its run was closed; Tune never runs such a trial again, so no
         hook would close it): the steps MLflow lacks from ``result.json``, then the trial's end, as
         ``on_trial_complete`` / ``on_trial_error`` write it. Returns how many runs it closed."""
         ended = {t.trial_id: t for t in trials if getattr(t, "status", None) in ("TERMINATED", "ERROR")}
-        if not ended:
-            return 0
-        running = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
-            max_results=5000,
-        )
-        self.calls += 1
         n = 0
         for r in running:
             trial = ended.get(r.data.tags.get(TRIAL_ID_TAG, ""))
@@ -665,8 +658,8 @@ def _newest_into(ckpt_dir: Path, results_dir: str | None, trial_id: str) -> None
     :class:`sweeps.storage.ResultLedger`)."""
     from sweeps.trainable import _task_index, newest_stored_checkpoint
 
-    newest = newest_stored_checkpoint(results_dir, trial_id)
-    if newest is not None and int(newest.name.split("-")[1]) > _task_index(ckpt_dir):
+    newest = newest_stored_checkpoint(results_dir, trial_id, newer_than=_task_index(ckpt_dir))
+    if newest is not None:
         shutil.rmtree(ckpt_dir)
         shutil.copytree(newest, ckpt_dir / newest.name)
 
@@ -721,14 +714,21 @@ def _param_value(value: Any) -> str:
     return text[:6000]
 
 
-def close_orphans(client: MlflowClient, experiment_id: str, parent_run_id: str, keep: Iterable[str]) -> list[str]:
-    """Mark KILLED the child runs still RUNNING whose trial is not in ``keep`` (trials a killed
-    driver created after its last saved state: Tune will not resume them)."""
-    keep = set(keep)
-    out = []
-    runs = client.search_runs(
+def running_children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """The parent's child runs still RUNNING."""
+    return client.search_runs(
         [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'", max_results=5000
     )
+
+
+def close_orphans(client: MlflowClient, experiment_id: str, parent_run_id: str, keep: Iterable[str],
+                  runs: list[Any] | None = None) -> list[str]:
+    """Mark KILLED the child runs still RUNNING (``runs``, or found here) whose trial is not in
+    ``keep`` (trials a killed driver created after its last saved state: Tune will not resume them)."""
+    keep = set(keep)
+    out = []
+    if runs is None:
+        runs = running_children(client, experiment_id, parent_run_id)
     for r in runs:
         if r.data.tags.get(TRIAL_ID_TAG) not in keep:
             client.set_terminated(r.info.run_id, status="KILLED")

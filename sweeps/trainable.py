@@ -148,10 +148,11 @@ def _loadable(task_dir: Path) -> bool:
         return False
 
 
-def newest_stored_checkpoint(results_dir: str | None, trial_id: str) -> Path | None:
+def newest_stored_checkpoint(results_dir: str | None, trial_id: str, newer_than: int = -1) -> Path | None:
     """The newest complete ``task-NNN`` folder this trial persisted under the sweep's folder (local or
-    shared storage). A driver killed between two experiment snapshots restores a trial from an older
-    checkpoint than the trial had written; the newer one on disk saves redoing tasks."""
+    shared storage), of a task after ``newer_than`` (only those are opened). A driver killed between
+    two experiment snapshots restores a trial from an older checkpoint than the trial had written;
+    the newer one on disk saves redoing tasks."""
     if not results_dir:
         return None
     found: list[tuple[int, Path]] = []
@@ -161,7 +162,8 @@ def newest_stored_checkpoint(results_dir: str | None, trial_id: str) -> Path | N
                 k = int(p.parent.name.split("-")[1])
             except (IndexError, ValueError):
                 continue
-            found.append((k, p.parent))
+            if k > newer_than:
+                found.append((k, p.parent))
     for _, task_dir in sorted(found, key=lambda kp: kp[0], reverse=True):
         if _loadable(task_dir):
             return task_dir
@@ -261,8 +263,8 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     if checkpoint is not None:
         checkpoint.to_directory(str(workdir))  # task-NNN/ of the last finished task
     tune_known = _task_index(workdir)  # the last step Tune has recorded (its checkpoint's task)
-    stored = newest_stored_checkpoint(spec.results_dir, trial_id)
-    if stored is not None and int(stored.name.split("-")[1]) > tune_known:
+    stored = newest_stored_checkpoint(spec.results_dir, trial_id, newer_than=tune_known)
+    if stored is not None:
         for old in workdir.glob("task-*"):
             shutil.rmtree(old)
         shutil.copytree(stored, workdir / stored.name)

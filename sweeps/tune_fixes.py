@@ -15,6 +15,7 @@ failure goes to Tune as before.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -28,7 +29,7 @@ class _IgnoreStale:
     def __get__(self, controller: Any, owner: Any = None) -> Any:
         if controller is None:
             return self
-        return lambda trial, exception: self(controller, trial, exception)
+        return functools.partial(self, controller)
 
     def __call__(self, controller: Any, trial: Any, exception: Exception) -> Any:
         if is_stale(controller, trial):
