@@ -134,6 +134,7 @@ class Task:
     test: ImageSource
     epochs: int  # default epochs for this task (the benchmark's schedule)
     augment: bool = True  # RandomResizedCrop + flip for training views (False for MNIST, EuroSAT)
+    val: ImageSource | None = None  # held-out validation images (disjoint from train's shots); None: none yet
 
     @property
     def num_classes(self) -> int:
