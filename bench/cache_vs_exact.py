@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = lambda m: None  # noqa: E731
 
     t = time.perf_counter()
-    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed)
+    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed, cfg.data.sample_rule)
     bb = load_backbone(cfg.backbone.model, None, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
     t_load = time.perf_counter() - t
     n_train = sum(len(task.train) for task in bench.tasks)

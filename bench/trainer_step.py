@@ -142,7 +142,7 @@ def write_fake_first_task(out: Path, cfg: Any, bundle: Any, seed: int = 1) -> No
             "weights": torch.full((m,), 1.0 / lam2),
             "labels": torch.arange(n_old).repeat_interleave(lam2),
         },
-        "rows": np.zeros((1, len(bundle.tasks))),
+        "rows": torch.zeros(1, len(bundle.tasks), dtype=torch.float64),
         "seconds": 0.0,
     }
     d = out / "task-000"

@@ -5,6 +5,15 @@
 the tests). Extra JSON model configs (the tests' tiny models) are registered with
 :func:`register_model_configs`.
 
+Activation (method page, section 2): OpenAI's CLIP was trained with QuickGELU, while open_clip's
+``ViT-B-16`` config builds ``nn.GELU`` and only warns when OpenAI weights are loaded into it. Here
+the activation follows the weights (:func:`quick_gelu_plan`): a tag whose open_clip entry says
+``quick_gelu`` (``openai``) and a TorchScript archive (the ``.pt`` files of OpenAI's ``clip``
+package, e.g. ``ViT-B-16.pt``) get QuickGELU whatever the architecture's config says; a plain
+state-dict file gets the architecture's own activation, so name the ``-quickgelu`` model
+(``ViT-B-16-quickgelu``, the default) for OpenAI weights saved as a state dict. The effective
+activation is part of the weights' identity (the feature-cache key).
+
 Transforms follow the method page, section 7: train = RandomResizedCrop(size, bicubic) + horizontal
 flip (none for datasets marked ``augment=False``: MNIST, EuroSAT); test = Resize(size, bicubic) +
 CenterCrop(size). Both end with the model's own normalisation.
@@ -15,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,13 +141,25 @@ def load_backbone(
     from torchvision import transforms as T
 
     check_model(name, pretrained, model_config_dir)
+    force_quick_gelu = quick_gelu_plan(name, pretrained)
+    torchscript = bool(pretrained) and _is_path_like(pretrained or "") and is_torchscript_archive(pretrained or "")
     try:
         # Random init (pretrained=None, the tests' models) is seeded, so that every process that
         # loads the model (cache extraction, each trial) gets the same weights. Without network,
         # the hub is used in offline mode (local cache only) instead of retrying for a minute.
-        with torch.random.fork_rng(devices=[]), _quiet_open_clip(), _hub_offline_if_unreachable(pretrained):
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip(), _hub_offline_if_unreachable(pretrained), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             torch.manual_seed(RANDOM_INIT_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=None if torchscript else (pretrained or None), device=device,
+                force_quick_gelu=force_quick_gelu,
+            )
+        for w in caught:  # never left to a warning (see the module docstring)
+            if "QuickGELU mismatch" in str(w.message):
+                raise BackboneError(f"{name} with {pretrained}: activation mismatch: {_line(str(w.message))}")
+        if torchscript:
+            _load_torchscript_weights(model, str(pretrained), device)
     except BackboneError:
         raise
     except Exception as exc:  # network failure, corrupt checkpoint, ...
@@ -208,14 +230,18 @@ def check_weights_available(name: str, pretrained: str | None, model_config_dir:
 
 
 def identity(name: str, pretrained: str | None) -> str:
-    """A hash of what determines the weights: the architecture's JSON config and the pretrained tag,
-    or the checkpoint file's bytes, or the random-init seed. Part of the feature-cache key."""
+    """A hash of what determines the weights: the architecture's JSON config (with the activation
+    :func:`quick_gelu_plan` gives it) and the pretrained tag, or the checkpoint file's bytes, or the
+    random-init seed. Part of the feature-cache key."""
     import hashlib
     import json
 
     import open_clip
 
-    h = hashlib.sha256(json.dumps(open_clip.get_model_config(name), sort_keys=True).encode())
+    cfg = dict(open_clip.get_model_config(name))
+    if quick_gelu_plan(name, pretrained):
+        cfg["quick_gelu"] = True
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     if pretrained and _is_path_like(pretrained):
         with open(pretrained, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -223,6 +249,74 @@ def identity(name: str, pretrained: str | None) -> str:
     else:
         h.update(f"{pretrained}|{RANDOM_INIT_SEED if not pretrained else ''}".encode())
     return h.hexdigest()[:16]
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """A TorchScript archive (a zip holding ``code/`` and ``constants.pkl``): how OpenAI's ``clip``
+    package ships its weights (``ViT-B-16.pt``)."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except OSError:
+        return False
+
+
+def weights_quick_gelu(name: str, pretrained: str | None) -> bool | None:
+    """Whether the weights were trained with QuickGELU: from the tag's open_clip entry, True for a
+    TorchScript archive (OpenAI's), None when it cannot be known (random init, a state-dict file)."""
+    import open_clip
+
+    if not pretrained:
+        return None
+    if _is_path_like(pretrained):
+        return True if is_torchscript_archive(pretrained) else None
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    return bool(cfg.get("quick_gelu", False)) if cfg else None
+
+
+def quick_gelu_plan(name: str, pretrained: str | None) -> bool:
+    """True when the architecture must be built with QuickGELU although its config says GELU (OpenAI
+    weights in ``ViT-B-16``): the mismatch is corrected. Weights trained with GELU in a QuickGELU
+    architecture are an error (one line); unknown weights keep the architecture's activation."""
+    import open_clip
+
+    arch = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    trained = weights_quick_gelu(name, pretrained)
+    if trained is None or trained == arch:
+        return False
+    if trained and not arch:
+        return True
+    plain = name[: -len("-quickgelu")] if name.endswith("-quickgelu") else "a GELU architecture"
+    raise BackboneError(f"{name} uses QuickGELU but the weights {pretrained} were trained with GELU: use {plain}")
+
+
+def _load_torchscript_weights(model: Any, path: str, device: str | torch.device) -> None:
+    """Load the weights of a TorchScript archive (OpenAI's ``clip`` files) into an open_clip CLIP.
+    open_clip reads checkpoint files with ``torch.load(weights_only=True)``, which refuses them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": OpenAI's files are TorchScript
+            sd = dict(torch.jit.load(path, map_location="cpu").state_dict())
+    except Exception as exc:
+        raise BackboneError(f"could not read the TorchScript checkpoint {path}: {_line(str(exc))}") from None
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's extra ints
+        sd.pop(key, None)
+    transient = {n for n, _ in model.named_buffers()} - set(model.state_dict())  # non-persistent (attn_mask)
+    sd = {k: v for k, v in sd.items() if k not in transient}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise BackboneError(f"{path} does not fit {type(model).__name__}: {what}")
+    model.to(device)
+
+
+def _line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager

@@ -166,7 +166,7 @@ def dry_run_plan(cfg: Any) -> dict[str, Any]:
     from lada_core.model import AdaptedTextEncoder
     from lada_core.trainer import task_epochs, trainable_count
 
-    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed)
+    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed, cfg.data.sample_rule)
     bb = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
     tasks = []
     for k, task in enumerate(bench.tasks):
@@ -249,7 +249,7 @@ def train(cfg: Any, out: Path, quiet: bool = False, on_task_end: Any = None) -> 
 
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.time()
-    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed)  # cheap errors first
+    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed, cfg.data.sample_rule)  # cheap errors first
     bb = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
     if cfg.data.exact:
         source = ExactSource(bench, bb, resolve_device(cfg.train.device), cfg.data.encode_batch_size)

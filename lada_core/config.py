@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 class BackboneConfig:
     """Which open_clip model to load (see :mod:`lada_core.backbone`)."""
 
-    model: str = "ViT-B-16"
+    model: str = "ViT-B-16-quickgelu"  # OpenAI's ViT-B/16 with its QuickGELU (method page, section 2)
     pretrained: str | None = "openai"  # an open_clip tag, a local checkpoint path, or None (random)
     model_config_dir: str | None = None  # extra JSON model configs to register (the tests' tiny models)
     template: str = "a photo of a {}."
@@ -48,7 +48,10 @@ class DataConfig:
     encode_batch_size: int = 256
     shard_rows: int = 8192  # rows per Parquet shard (bounds memory during extraction)
     device: str = "auto"  # for encoding: auto | cpu | cuda | cuda:N
-    sample_seed: int = 1  # few-shot sampling seed (fixed, as in the paper's protocol)
+    # How few-shot images are drawn: "authors" (Python's random seeded 0 in each task, CoOp's rule, as
+    # the authors' code; X-TAIL and user sequences) or "seeded" (NumPy seeded with sample_seed).
+    sample_rule: Literal["authors", "seeded"] = "authors"
+    sample_seed: int = 1  # few-shot sampling seed of the "seeded" rule (and of mini-tail)
     exact: bool = False  # run the frozen image encoder inside the training loop (no feature cache)
 
 
@@ -66,6 +69,9 @@ class LadaConfig:
     adapter_bottleneck: int = 16
     adapter_residual: float = 0.1
     kmeans_n_init: int = 10
+    # random_state of the k-means (section 3) and of the Gaussian mixtures (section 5): the authors fix
+    # it at 42, whatever the run's seed (train.seed drives the adapters, batches and replay noise).
+    cluster_seed: int = 42
     # OPEN (method page, section 4): "mean" = mean over the batch of w * CE (the reference code);
     # "weight_sum" = sum of w * CE divided by the sum of w.
     loss_reduction: Literal["mean", "weight_sum"] = "mean"
@@ -129,6 +135,7 @@ class Config:
             (self.lada.tau > 0, "lada.tau must be > 0"),
             (self.lada.adapter_bottleneck >= 1, "lada.adapter_bottleneck must be >= 1"),
             (self.lada.kmeans_n_init >= 1, "lada.kmeans_n_init must be >= 1"),
+            (0 <= self.lada.cluster_seed < 2**32, "lada.cluster_seed must be in [0, 2**32)"),
             (self.optim.lr > 0, "optim.lr must be > 0"),
             (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
             (self.optim.batch_size >= 1, "optim.batch_size must be >= 1"),

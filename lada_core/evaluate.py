@@ -2,9 +2,11 @@
 
 At every step each test image of every dataset is scored against ALL class names of the benchmark,
 seen and unseen, with no dataset identity: seen classes use their cached tuned text features,
-unseen classes the frozen zero-shot text features. When the router (argmax of those scores; or,
-with the selector, the argmax of frozen zero-shot CLIP) picks a seen class, the LADA logits of the
-seen classes are added and the unseen ones are masked out.
+unseen classes the frozen zero-shot text features. When the router (argmax of those scores) picks a
+seen class, the LADA logits of the seen classes are added and the unseen ones are masked out. With
+the selector (``lada.selector``), frozen zero-shot CLIP routes: an image it sends to an unseen class
+keeps zero-shot CLIP's logits over all classes; one it sends to a seen class gets the tuned text
+plus the LADA logits over the seen classes only.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lada_core.model import UnitIndex, inference_logits, lada_logits
+from lada_core.model import UnitIndex, inference_logits, lada_logits, selector_logits
 
 
 @dataclass
@@ -40,10 +42,9 @@ def predict(features: torch.Tensor, st: EvalState, index: UnitIndex | None = Non
     text_all = torch.cat([st.text_seen, st.text_zeroshot[n_seen:]], dim=0)
     has_units = st.units is not None and st.class_map is not None and st.units.numel() > 0
     h = lada_logits(x, st.units, st.class_map, st.beta, index) if has_units else None  # type: ignore[arg-type]
-    route = None
     if st.selector:
-        route = (x @ st.text_zeroshot.t()).argmax(dim=1) < n_seen
-    return inference_logits(x, text_all, n_seen, st.tau, st.alpha, h, route).argmax(dim=1)
+        return selector_logits(x, st.text_seen, st.text_zeroshot, st.tau, st.alpha, h).argmax(dim=1)
+    return inference_logits(x, text_all, n_seen, st.tau, st.alpha, h).argmax(dim=1)
 
 
 def accuracy(features: np.ndarray, labels: np.ndarray, offset: int, st: EvalState, batch_size: int = 1024, device: torch.device | None = None) -> float:

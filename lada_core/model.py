@@ -337,18 +337,41 @@ def inference_logits(
     tau: float,
     alpha: float,
     h_seen: torch.Tensor | None,
-    route: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The X-TAIL inference rule (section 6), over ALL class names (seen first, then unseen).
+    """The X-TAIL inference rule "without selector" (section 6), over ALL class names (seen first).
 
-    ``s = tau * cos(x, T_all)``; where the router picks a seen class, add ``alpha * [h_seen; -1e6]``.
-    The router is argmax s (without selector, the default) or a given boolean ``route`` ``[B]``
-    (with selector: the argmax of frozen zero-shot CLIP fell on a seen class).
+    ``s = tau * cos(x, T_all)``; where argmax s is a seen class, add ``alpha * [h_seen; -1e6]``.
     """
     s = tau * (x @ text_all.t())  # [B, n_all]
     if h_seen is None or n_seen == 0:
         return s
-    seen = route if route is not None else s.argmax(dim=1) < n_seen  # [B]
+    seen = s.argmax(dim=1) < n_seen  # [B]
     bonus = torch.full_like(s, -1e6)
     bonus[:, :n_seen] = alpha * h_seen
     return torch.where(seen.unsqueeze(1), s + bonus, s)
+
+
+def selector_logits(
+    x: torch.Tensor,
+    text_seen: torch.Tensor,
+    text_zeroshot: torch.Tensor,
+    tau: float,
+    alpha: float,
+    h_seen: torch.Tensor | None,
+) -> torch.Tensor:
+    """Inference "with selector" (section 6; the authors' ``test_w_selector``), over ALL class names.
+
+    The router is frozen zero-shot CLIP: ``zs = tau * cos(x, T_zeroshot)`` over all classes.
+    An image whose argmax zs is an unseen class gets ``zs`` itself (its prediction is zero-shot
+    CLIP's); an image routed to a seen class gets ``tau * cos(x, T_seen) + alpha * h`` over the seen
+    classes only (unseen classes at -1e6). ``x`` ``[B, D]`` and the text features are L2-normalised;
+    ``text_seen`` ``[n_seen, D]`` tuned, ``text_zeroshot`` ``[n_all, D]`` frozen, ``h_seen`` ``[B, n_seen]``.
+    """
+    n_seen = text_seen.shape[0]
+    zs = tau * (x @ text_zeroshot.t())  # [B, n_all]
+    if n_seen == 0:
+        return zs
+    routed = zs.argmax(dim=1) < n_seen  # [B]
+    adapted = torch.full_like(zs, -1e6)
+    adapted[:, :n_seen] = tau * (x @ text_seen.t()) + (alpha * h_seen if h_seen is not None else 0.0)
+    return torch.where(routed.unsqueeze(1), adapted, zs)

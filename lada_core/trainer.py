@@ -65,6 +65,10 @@ class ResumeError(RuntimeError):
     """The output folder holds a run with another configuration."""
 
 
+class CheckpointError(ResumeError):
+    """A checkpoint file that this trainer did not write (or a damaged one): refused, never loaded."""
+
+
 @dataclass
 class TaskEnd:
     task_index: int
@@ -221,8 +225,8 @@ def _save_checkpoint(out: Path, k: int, task_name: str, st: _State, cfg: Config,
             "units": st.units.cpu(),
             "class_map": st.class_map.cpu(),
             "bank": {n: t.cpu() for n, t in st.bank.state().items()},
-            "rows": np.stack(st.rows),
-            "seconds": seconds,
+            "rows": torch.from_numpy(np.stack(st.rows).astype(np.float64)),  # [k + 1, n_tasks]
+            "seconds": float(seconds),
         },
         tmp / STATE_FILE,
     )
@@ -233,8 +237,48 @@ def _save_checkpoint(out: Path, k: int, task_name: str, st: _State, cfg: Config,
     return final
 
 
+CHECKPOINT_TENSORS = ("text_seen", "units", "class_map", "rows")
+CHECKPOINT_PLAIN = {"task_index": int, "task_name": str, "config_hash": str, "data_key": str, "seconds": float}
+BANK_KEYS = ("means", "variances", "weights", "labels")
+
+
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The state of a ``task-NNN`` folder, read with ``torch.load(weights_only=True)``: tensors and
+    plain types only, so a checkpoint folder that others can write (a shared results disk) cannot
+    run code in the process that resumes from it. Anything else than what :func:`_save_checkpoint`
+    writes is refused with :class:`CheckpointError` (one line naming the file)."""
+    import pickle
+
+    file = Path(path) / STATE_FILE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(f"refused checkpoint {file}: not one this trainer wrote ({why}); remove its folder") from None
+    problem = _checkpoint_problem(state)
+    if problem:
+        raise CheckpointError(f"refused checkpoint {file}: not one this trainer wrote ({problem}); remove its folder")
+    return state
+
+
+def _checkpoint_problem(state: Any) -> str | None:
+    """What makes ``state`` differ from what :func:`_save_checkpoint` writes, or None."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a dict"
+    expected = set(CHECKPOINT_TENSORS) | set(CHECKPOINT_PLAIN) | {"bank"}
+    if set(state) != expected:
+        odd = sorted(set(state) ^ expected)
+        return f"keys differ: {', '.join(map(str, odd[:4]))}"
+    for key in CHECKPOINT_TENSORS:
+        if not isinstance(state[key], torch.Tensor):
+            return f"{key} is not a tensor"
+    for key, tp in CHECKPOINT_PLAIN.items():
+        if not isinstance(state[key], tp):
+            return f"{key} is not a {tp.__name__}"
+    bank = state["bank"]
+    if not isinstance(bank, dict) or set(bank) != set(BANK_KEYS) or not all(isinstance(v, torch.Tensor) for v in bank.values()):
+        return "bank is not the four mixture tensors"
+    return None
 
 
 def last_checkpoint(out: Path, cfg: Config, num_tasks: int, data_key: str | None = None) -> tuple[int, dict] | None:
@@ -244,10 +288,7 @@ def last_checkpoint(out: Path, cfg: Config, num_tasks: int, data_key: str | None
     for k in reversed(range(num_tasks)):
         p = out / f"task-{k:03d}" / STATE_FILE
         if p.is_file():
-            try:
-                state = load_checkpoint(p.parent)
-            except Exception:  # a half-written file cannot exist (atomic rename); be safe anyway
-                continue
+            state = load_checkpoint(p.parent)  # a foreign or damaged file is refused, never skipped
             if state.get("config_hash") != config_hash(cfg) or (data_key is not None and state.get("data_key") != data_key):
                 raise ResumeError(
                     f"{out} holds a run with another configuration or feature cache (task {k}); use a new output folder"
@@ -336,7 +377,7 @@ def run_continual(
         labels_np = src.train_labels(k)
         if lc.use_units:
             normed = clean / np.linalg.norm(clean, axis=1, keepdims=True).clip(1e-12)
-            centres, per_class = kmeans_units(normed, labels_np, n_cls, lc.memory_size, lc.kmeans_n_init, cfg.train.seed)
+            centres, per_class = kmeans_units(normed, labels_np, n_cls, lc.memory_size, lc.kmeans_n_init, lc.cluster_seed)
             units_cur = torch.nn.Parameter(torch.from_numpy(centres).to(device))
             class_map = grow_class_map(st.class_map.cpu() if st.class_map.numel() else None, per_class).to(device)
         else:
@@ -446,7 +487,7 @@ def run_continual(
         del enc, text_step, optimizer, sched
         bank = st.bank
         if lc.use_replay:
-            new = fit_gaussians(clean.astype(np.float32), labels_np, n_cls, lc.gaussian_components, n_old, cfg.train.seed)
+            new = fit_gaussians(clean.astype(np.float32), labels_np, n_cls, lc.gaussian_components, n_old, lc.cluster_seed)
             bank = _extend_bank(bank, new, device)
         st = _State(
             torch.cat([st.text_seen, text_cur]),

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lada_core import metrics as M
 from lada_core.evaluate import EvalState, predict
@@ -18,6 +19,7 @@ from lada_core.model import (
     inference_logits,
     lada_logits,
     sample_replay,
+    selector_logits,
     training_logits,
     weighted_cross_entropy,
 )
@@ -118,6 +120,27 @@ def test_predict_with_and_without_selector() -> None:
     assert predict(x, plain).item() == 1
     # zero-shot argmax (tie -> class 0) is seen -> s + 5 * h = [99 + 5, -1e6] -> class 0
     assert predict(x, routed).item() == 0
+
+
+def test_selector_routed_unseen_gets_zero_shot_logits() -> None:
+    """The authors' ``test_w_selector``: an image that frozen zero-shot CLIP sends to an unseen class
+    is predicted by zero-shot CLIP over all classes, even where a tuned seen class (and its LADA
+    logits) would win; an image sent to a seen class is scored over the seen classes only."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # zero-shot text: seen class 0 at (0, 1), unseen class 1 at (0.8, 0.6), unseen class 2 at (0.6, 0.8)
+    text_zs = torch.tensor([[0.0, 1.0], [0.8, 0.6], [0.6, 0.8]])
+    text_seen = torch.tensor([[1.0, 0.0]])  # tuned class 0 moved onto x[0]: cos 1.0 > 0.8
+    units = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cmap = block_diagonal_map([2])
+    st = EvalState(text_seen, text_zs, units, cmap, tau=100.0, alpha=5.0, beta=1.0, selector=True)
+    # x[0]: zero-shot argmax = class 1 (unseen) -> zero-shot logits -> class 1, though tuned class 0 scores 100 > 80.
+    # x[1]: zero-shot argmax = class 0 (seen) -> tuned text + LADA over seen classes only -> class 0.
+    assert predict(x, st).tolist() == [1, 0]
+    out = selector_logits(F.normalize(x, dim=-1), text_seen, text_zs, 100.0, 5.0, torch.ones(2, 1))
+    assert torch.allclose(out[0], 100.0 * (x[0] @ text_zs.t()))  # the zero-shot logits themselves
+    assert out[1, 0].item() == pytest.approx(100.0 * 0.0 + 5.0) and (out[1, 1:] < -1e5).all()
+    # without selector, the tuned seen class wins x[0] (the default rule routes by the tuned scores)
+    assert predict(x, EvalState(text_seen, text_zs, units, cmap, 100.0, 5.0, 1.0, selector=False))[0].item() == 0
 
 
 def test_adaptformer_init_and_count() -> None:

@@ -39,9 +39,9 @@ def xroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def expected_names(name: str) -> list[str]:
     if name == "MNIST":
-        return ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+        return MNIST_AUTHORS_NAMES
     if name == "EuroSAT":
-        return list(EUROSAT_SPLIT_NAMES)
+        return [n + " satellite location" for n in EUROSAT_SPLIT_NAMES]
     return [n.replace("_", " ") for n in raw_class_names(name, C)]
 
 
@@ -79,9 +79,19 @@ def test_aircraft_reads_variant_lists(xroot: Path) -> None:
     assert ds.class_names[int(ds.test.labels[-1])] == variant
 
 
-def test_packaged_classnames_are_data() -> None:
-    assert packaged_classnames("mnist")[0] == "zero" and len(packaged_classnames("mnist")) == 10
-    assert packaged_classnames("eurosat") == EUROSAT_SPLIT_NAMES
+MNIST_AUTHORS_NAMES = [
+    f'number: "{i} - {w}"'
+    for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+]
+
+
+def test_packaged_classnames_are_the_authors() -> None:
+    """The authors' readers (method page, section 7): MNIST as 'number: "0 - zero"', EuroSAT with
+    ' satellite location' appended; the prompt then reads as theirs."""
+    assert packaged_classnames("mnist") == MNIST_AUTHORS_NAMES
+    assert packaged_classnames("eurosat") == [n + " satellite location" for n in EUROSAT_SPLIT_NAMES]
+    assert packaged_classnames("eurosat")[0] == "Annual Crop Land satellite location"
+    assert "a photo of a {}.".format(packaged_classnames("mnist")[0]) == 'a photo of a number: "0 - zero".'
 
 
 def test_classnames_override_in_dataset_folder(tmp_path: Path) -> None:
@@ -145,11 +155,12 @@ def test_few_shot_with_replacement_when_short(xroot: Path) -> None:
 
 
 def test_few_shot_deterministic_per_seed(xroot: Path) -> None:
-    def picks(seed: int) -> list[list[int]]:
-        return [np.asarray(t.train.indices).tolist() for t in xtail_tasks(xroot, "I", shots=2, seed=seed)]  # type: ignore[attr-defined]
+    def picks(seed: int, rule: str = "seeded") -> list[list[int]]:
+        return [np.asarray(t.train.indices).tolist() for t in xtail_tasks(xroot, "I", shots=2, seed=seed, sample_rule=rule)]  # type: ignore[attr-defined]
 
     a, b, c = picks(1), picks(1), picks(2)
     assert a == b and a != c
+    assert picks(1, "authors") == picks(2, "authors")  # the authors' draw: random seeded 0 in each task
     for t in xtail_tasks(xroot, "I", shots=2, seed=1):  # no replacement when enough images
         idx = np.asarray(t.train.indices)  # type: ignore[attr-defined]
         assert len(np.unique(idx)) == len(idx) == 2 * t.num_classes

@@ -46,14 +46,17 @@ def benchmark_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_benchmark(name: str, data_root: str | None = None, shots: int | None = None, seed: int = 1) -> Benchmark:
-    """Build a benchmark by registry name (or from a user YAML file). ``shots=None`` = full-shot."""
+def get_benchmark(
+    name: str, data_root: str | None = None, shots: int | None = None, seed: int = 1, sample_rule: str = "authors"
+) -> Benchmark:
+    """Build a benchmark by registry name (or from a user YAML file). ``shots=None`` = full-shot;
+    ``sample_rule`` (``data.sample_rule``): how few-shot images are drawn (:func:`few_shot_indices`)."""
     _load_builtin()
     if name.endswith((".yaml", ".yml")) and "user-yaml" in _REGISTRY:
-        return _REGISTRY["user-yaml"](path=name, data_root=data_root, shots=shots, seed=seed).validate()
+        return _REGISTRY["user-yaml"](path=name, data_root=data_root, shots=shots, seed=seed, sample_rule=sample_rule).validate()
     if name not in _REGISTRY:
         raise DataError(f"unknown benchmark {name!r} (valid: {', '.join(benchmark_names())}, or a .yaml file)")
-    return _REGISTRY[name](data_root=data_root, shots=shots, seed=seed).validate()
+    return _REGISTRY[name](data_root=data_root, shots=shots, seed=seed, sample_rule=sample_rule).validate()
 
 
 __all__ = [

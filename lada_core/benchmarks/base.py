@@ -199,20 +199,54 @@ class Benchmark:
         return self
 
 
-def few_shot_indices(labels: np.ndarray, shots: int, seed: int, num_classes: int | None = None) -> np.ndarray:
-    """``shots`` indices per class, sampled with a fixed seed; with replacement for a class that has
-    fewer than ``shots`` images (X-TAIL protocol, method page section 7). Sorted by class, then draw."""
+SAMPLE_RULES = ("authors", "seeded")
+"""How few-shot training images are drawn (``data.sample_rule``); see :func:`few_shot_indices`."""
+
+
+def few_shot_indices(
+    labels: np.ndarray, shots: int, seed: int, num_classes: int | None = None, rule: str = "seeded"
+) -> np.ndarray:
+    """``shots`` indices per class (X-TAIL protocol, method page section 7); with replacement for a
+    class that has fewer than ``shots`` images.
+
+    ``rule="authors"``: the authors' draw, CoOp's few-shot rule after ``random.seed(0)`` in each task:
+    classes in the order of their first image in ``labels`` (the reader's list order), per class
+    Python's ``random.sample(images, shots)``, or ``random.choices(images, k=shots)`` for a short
+    class. It reproduces the authors' sample exactly when ``labels`` lists the images in the order of
+    their reader (CoOp's split files, FGVC's variant lists and MNIST's idx files are read in file
+    order). ``seed`` is not used: the authors' seed is 0.
+
+    ``rule="seeded"``: NumPy's generator seeded with ``seed``, classes in label order, sorted draws.
+    """
     labels = np.asarray(labels, dtype=np.int64)
     n_cls = int(num_classes if num_classes is not None else labels.max() + 1)
+    for c in range(n_cls):
+        if not np.any(labels == c):
+            raise DataError(f"class {c} has no training images; cannot sample {shots} shots")
+    if rule == "authors":
+        return _authors_few_shot(labels, shots)
+    if rule != "seeded":
+        raise DataError(f"unknown few-shot sample rule {rule!r} (valid: {', '.join(SAMPLE_RULES)})")
     rng = np.random.default_rng(seed)
     out: list[np.ndarray] = []
     for c in range(n_cls):
         idx = np.flatnonzero(labels == c)
-        if idx.size == 0:
-            raise DataError(f"class {c} has no training images; cannot sample {shots} shots")
         replace = idx.size < shots
         out.append(np.sort(rng.choice(idx, size=shots, replace=replace)) if not replace else rng.choice(idx, size=shots, replace=True))
     return np.concatenate(out)
+
+
+def _authors_few_shot(labels: np.ndarray, shots: int) -> np.ndarray:
+    import random
+
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels.tolist()):  # insertion order = order of each class's first image
+        by_class.setdefault(int(y), []).append(i)
+    rng = random.Random(0)
+    out: list[int] = []
+    for items in by_class.values():
+        out.extend(rng.sample(items, shots) if len(items) >= shots else rng.choices(items, k=shots))
+    return np.asarray(out, dtype=np.int64)
 
 
 def scale_epochs(epochs: int, scale: float) -> int:

@@ -29,12 +29,14 @@ A split file is ``{"train": [[relpath, label, classname], ...], "val": [...], "t
 benchmark is built (one directory listing per folder), so a wrong root fails at once.
 
 Class names: from the split files (``_`` replaced by a space) or ``variants.txt``; MNIST and EuroSAT
-names are data files of this package (``lada_core/data/{mnist,eurosat}_classnames.txt``; MNIST uses
-the digits as words, "zero" ... "nine"). Override for any dataset: a ``classnames.txt`` inside the
+names are data files of this package (``lada_core/data/{mnist,eurosat}_classnames.txt``, the authors'
+names: MNIST's 'number: "0 - zero"' ..., EuroSAT's CoOp names + " satellite location"). Override for any dataset: a ``classnames.txt`` inside the
 dataset folder (one name per line in label order, ``#`` comments allowed) wins over both.
 
 Benchmarks: ``xtail`` (order I) and ``xtail-order2`` (order II); ``shots`` = images per class sampled
-with the seed (with replacement for a short class; the same sample of a dataset in both orders),
+by ``sample_rule`` (``authors``: the authors' draw, Python's ``random`` seeded 0 in each task;
+``seeded``: NumPy seeded with ``seed``; with replacement for a short class; the same sample of a
+dataset in both orders),
 ``shots=None`` = full-shot. Default epochs per task follow the method page's table, picked by
 ``shots is None``; :func:`xtail_tasks` takes an ``epochs`` override. ``user-yaml`` builds a sequence
 from a YAML file (:func:`user_yaml_benchmark`).
@@ -423,16 +425,16 @@ def read_dataset(name: str, root: str | Path) -> DatasetSplits:
 
 
 def make_task(splits: DatasetSplits, shots: int | None, seed: int, epochs: int, name: str | None = None,
-              augment: bool | None = None) -> Task:
+              augment: bool | None = None, sample_rule: str = "authors") -> Task:
     """A :class:`Task` from a reader's output; ``shots`` samples the training images per class
-    (:func:`few_shot_indices`, seeded, with replacement for a short class), ``None`` keeps all."""
+    (:func:`few_shot_indices` with ``sample_rule``, with replacement for a short class), ``None`` keeps all."""
     task_name = name or splits.name
     train: ImageSource = splits.train
     if shots is not None:
         if shots < 1:
             raise DataError(f"{task_name}: shots must be a positive number or None (full-shot), got {shots}")
         try:
-            idx = few_shot_indices(np.asarray(train.labels), shots, seed, len(splits.class_names))
+            idx = few_shot_indices(np.asarray(train.labels), shots, seed, len(splits.class_names), sample_rule)
         except DataError as exc:
             raise DataError(f"{task_name}: {exc}") from None
         train = Subset(train, idx)
@@ -474,6 +476,7 @@ def xtail_tasks(
     shots: int | None = 16,
     seed: int = 1,
     epochs: Mapping[str, int] | None = None,
+    sample_rule: str = "authors",
 ) -> list[Task]:
     """The X-TAIL tasks read from ``root`` in ``order`` ("I", "II" or a list of dataset names).
 
@@ -488,7 +491,7 @@ def xtail_tasks(
         if not isinstance(e, int) or isinstance(e, bool) or e < 1:
             raise DataError(f"epochs override for {n} must be a positive integer, got {e!r}")
     return [
-        make_task(read_dataset(n, root), shots, seed, overrides.get(n, default_epochs(n, shots)))
+        make_task(read_dataset(n, root), shots, seed, overrides.get(n, default_epochs(n, shots)), sample_rule=sample_rule)
         for n in names
     ]
 
@@ -502,16 +505,16 @@ def _need_root(data_root: str | None, bench: str) -> str:
 
 
 @register("xtail")
-def xtail(data_root: str | None = None, shots: int | None = None, seed: int = 1) -> Benchmark:
+def xtail(data_root: str | None = None, shots: int | None = None, seed: int = 1, sample_rule: str = "authors") -> Benchmark:
     """X-TAIL in order I (method page section 7)."""
-    tasks = xtail_tasks(_need_root(data_root, "xtail"), "I", shots, seed)
+    tasks = xtail_tasks(_need_root(data_root, "xtail"), "I", shots, seed, sample_rule=sample_rule)
     return Benchmark("xtail", tasks, description="X-TAIL, order I")
 
 
 @register("xtail-order2")
-def xtail_order2(data_root: str | None = None, shots: int | None = None, seed: int = 1) -> Benchmark:
+def xtail_order2(data_root: str | None = None, shots: int | None = None, seed: int = 1, sample_rule: str = "authors") -> Benchmark:
     """X-TAIL in order II (method page section 7)."""
-    tasks = xtail_tasks(_need_root(data_root, "xtail-order2"), "II", shots, seed)
+    tasks = xtail_tasks(_need_root(data_root, "xtail-order2"), "II", shots, seed, sample_rule=sample_rule)
     return Benchmark("xtail-order2", tasks, description="X-TAIL, order II")
 
 
@@ -559,7 +562,8 @@ def _load_yaml(path: Path) -> Any:
 
 
 def _user_entry(
-    entry: Any, i: int, path: Path, data_root: str | None, shots: int | None, seed: int, default_ep: int
+    entry: Any, i: int, path: Path, data_root: str | None, shots: int | None, seed: int, default_ep: int,
+    sample_rule: str = "authors",
 ) -> Task:
     where = f"{path}: datasets[{i}]"
     if not isinstance(entry, dict):
@@ -594,7 +598,7 @@ def _user_entry(
             raise DataError(f"{where}: reader {reader} needs a 'root' or --data-root")
         splits = read_dataset(reader, root)
         ep = epochs if epochs is not None else default_epochs(reader, shots)
-        return make_task(splits, shots, seed, ep, name=name, augment=augment)
+        return make_task(splits, shots, seed, ep, name=name, augment=augment, sample_rule=sample_rule)
 
     if name is None:
         raise DataError(f"{where}: a {kind} entry needs a 'name'")
@@ -607,12 +611,13 @@ def _user_entry(
             if "image_dir" in entry else split_file.parent
         )
         splits = read_split_file(split_file, image_dir, name)
-    return make_task(splits, shots, seed, epochs if epochs is not None else default_ep, augment=augment)
+    return make_task(splits, shots, seed, epochs if epochs is not None else default_ep, augment=augment, sample_rule=sample_rule)
 
 
 @register("user-yaml")
 def user_yaml_benchmark(
-    path: str | Path, data_root: str | None = None, shots: int | None = None, seed: int = 1
+    path: str | Path, data_root: str | None = None, shots: int | None = None, seed: int = 1,
+    sample_rule: str = "authors",
 ) -> Benchmark:
     """A task sequence described by a YAML file (see the README section "Your own task sequence").
 
@@ -638,7 +643,7 @@ def user_yaml_benchmark(
     description = doc.get("description", f"user benchmark {p}")
     if not isinstance(name, str) or not isinstance(description, str):
         raise DataError(f"{p}: 'name' and 'description' must be strings")
-    tasks = [_user_entry(e, i, p, data_root, shots, seed, default_ep) for i, e in enumerate(entries)]
+    tasks = [_user_entry(e, i, p, data_root, shots, seed, default_ep, sample_rule) for i, e in enumerate(entries)]
     return Benchmark(name, tasks, description=description)
 
 

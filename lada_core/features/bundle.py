@@ -112,7 +112,7 @@ def ensure_cache(cfg: Any, progress: bool = True, run_jobs: Any = None, backbone
     cache is verified before reuse (array sha256 with ``verify``; see :func:`~lada_core.features.cache.build_cache`)."""
     from lada_core.benchmarks import get_benchmark
 
-    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed)
+    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed, cfg.data.sample_rule)
     return build_cache(
         bench,
         cfg.backbone.model,
