@@ -61,7 +61,7 @@ def train_rows(bundle: Any) -> int:
 
 def run(cfg: Any, bb: Any, work: Path, seeds: list[int], exact: bool = False) -> tuple[dict[str, float], float]:
     """Mean Transfer / Average / Last over ``seeds`` and the mean seconds per run."""
-    from lada_core.benchmarks import get_benchmark
+    from lada_core.benchmarks import benchmark_for
     from lada_core.config import build_config
     from lada_core.features import ensure_cache, load_bundle
     from lada_core.features.source import ExactSource
@@ -76,7 +76,7 @@ def run(cfg: Any, bb: Any, work: Path, seeds: list[int], exact: bool = False) ->
         scfg = build_config(overrides=[f"train.seed={seed}", *(["data.exact=true"] if exact else [])], base=cfg)
         source = None
         if exact:
-            bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed, cfg.data.sample_rule)
+            bench = benchmark_for(cfg.data)
             import torch
 
             source = ExactSource(bench, bb, torch.device("cpu"), cfg.data.encode_batch_size)

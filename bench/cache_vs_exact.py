@@ -76,7 +76,7 @@ def _sync(device: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lada_core.backbone import load_backbone, resolve_device
-    from lada_core.benchmarks import get_benchmark
+    from lada_core.benchmarks import benchmark_for
     from lada_core.config import build_config
     from lada_core.features import ensure_cache, load_bundle
     from lada_core.features.source import ExactSource
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = lambda m: None  # noqa: E731
 
     t = time.perf_counter()
-    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed, cfg.data.sample_rule)
+    bench = benchmark_for(cfg.data)
     bb = load_backbone(cfg.backbone.model, None, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
     t_load = time.perf_counter() - t
     n_train = sum(len(task.train) for task in bench.tasks)

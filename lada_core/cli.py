@@ -162,11 +162,11 @@ def train_parser() -> argparse.ArgumentParser:
 def dry_run_plan(cfg: Any) -> dict[str, Any]:
     """The task plan and the trainable parameter count of every task, without training."""
     from lada_core.backbone import load_backbone
-    from lada_core.benchmarks import get_benchmark
+    from lada_core.benchmarks import benchmark_for
     from lada_core.model import AdaptedTextEncoder
     from lada_core.trainer import task_epochs, trainable_count
 
-    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed, cfg.data.sample_rule)
+    bench = benchmark_for(cfg.data)
     bb = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
     tasks = []
     for k, task in enumerate(bench.tasks):
@@ -181,6 +181,7 @@ def dry_run_plan(cfg: Any) -> dict[str, Any]:
                 "classes": task.num_classes,
                 "class_names": task.class_names,
                 "train_images": len(task.train),
+                "val_images": len(task.val) if task.val is not None else 0,
                 "test_images": len(task.test),
                 "epochs": task_epochs(cfg, task.epochs),
                 "memory_units": units,
@@ -242,14 +243,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def train(cfg: Any, out: Path, quiet: bool = False, on_task_end: Any = None) -> Any:
     """Build or find the cache (or set up exact mode), train, write the outputs."""
     from lada_core.backbone import load_backbone, resolve_device
-    from lada_core.benchmarks import get_benchmark
+    from lada_core.benchmarks import benchmark_for
     from lada_core.features import ensure_cache, load_bundle
     from lada_core.features.source import ExactSource
     from lada_core.trainer import run_continual
 
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.time()
-    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed, cfg.data.sample_rule)  # cheap errors first
+    bench = benchmark_for(cfg.data)  # cheap errors first
     bb = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
     if cfg.data.exact:
         source = ExactSource(bench, bb, resolve_device(cfg.train.device), cfg.data.encode_batch_size)

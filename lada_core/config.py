@@ -51,7 +51,11 @@ class DataConfig:
     # How few-shot images are drawn: "authors" (Python's random seeded 0 in each task, CoOp's rule, as
     # the authors' code; X-TAIL and user sequences) or "seeded" (NumPy seeded with sample_seed).
     sample_rule: Literal["authors", "seeded"] = "authors"
-    sample_seed: int = 1  # few-shot sampling seed of the "seeded" rule (and of mini-tail)
+    sample_seed: int = 1  # few-shot sampling seed of the "seeded" rule (and of mini-tail), validation draws
+    # Validation split (tuning never sees test data): at most this many images per class, from the
+    # dataset's own val list, else held out of the training pool (val_fraction of a class at most).
+    val_per_class: int = 10
+    val_fraction: float = 0.1
     exact: bool = False  # run the frozen image encoder inside the training loop (no feature cache)
 
 
@@ -143,6 +147,8 @@ class Config:
             (self.optim.epochs_scale > 0, "optim.epochs_scale must be > 0"),
             (self.data.shots is None or self.data.shots >= 1, "data.shots must be >= 1 (or null for full-shot)"),
             (self.data.views >= 0, "data.views must be >= 0"),
+            (self.data.val_per_class >= 0, "data.val_per_class must be >= 0 (0: no validation split)"),
+            (0 <= self.data.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
             (self.data.encode_batch_size >= 1, "data.encode_batch_size must be >= 1"),
             (self.data.shard_rows >= 1, "data.shard_rows must be >= 1"),
             (self.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),

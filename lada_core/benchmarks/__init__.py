@@ -7,6 +7,7 @@ theirs with :func:`register`. A name that ends in ``.yaml``/``.yml`` is a user-d
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from lada_core.benchmarks.base import (
     ArrayImages,
@@ -47,16 +48,26 @@ def benchmark_names() -> list[str]:
 
 
 def get_benchmark(
-    name: str, data_root: str | None = None, shots: int | None = None, seed: int = 1, sample_rule: str = "authors"
+    name: str, data_root: str | None = None, shots: int | None = None, seed: int = 1, sample_rule: str = "authors",
+    **val: float,
 ) -> Benchmark:
     """Build a benchmark by registry name (or from a user YAML file). ``shots=None`` = full-shot;
-    ``sample_rule`` (``data.sample_rule``): how few-shot images are drawn (:func:`few_shot_indices`)."""
+    ``sample_rule`` (``data.sample_rule``): how few-shot images are drawn (:func:`few_shot_indices`);
+    ``val``: ``val_per_class`` and ``val_fraction`` (``data.val_per_class``, ``data.val_fraction``)."""
     _load_builtin()
     if name.endswith((".yaml", ".yml")) and "user-yaml" in _REGISTRY:
-        return _REGISTRY["user-yaml"](path=name, data_root=data_root, shots=shots, seed=seed, sample_rule=sample_rule).validate()
+        return _REGISTRY["user-yaml"](path=name, data_root=data_root, shots=shots, seed=seed, sample_rule=sample_rule, **val).validate()
     if name not in _REGISTRY:
         raise DataError(f"unknown benchmark {name!r} (valid: {', '.join(benchmark_names())}, or a .yaml file)")
-    return _REGISTRY[name](data_root=data_root, shots=shots, seed=seed, sample_rule=sample_rule).validate()
+    return _REGISTRY[name](data_root=data_root, shots=shots, seed=seed, sample_rule=sample_rule, **val).validate()
+
+
+def benchmark_for(data: Any) -> Benchmark:
+    """The benchmark a :class:`lada_core.config.DataConfig` describes (``cfg.data``)."""
+    return get_benchmark(
+        data.benchmark, data.data_root, data.shots, data.sample_seed, data.sample_rule,
+        val_per_class=data.val_per_class, val_fraction=data.val_fraction,
+    )
 
 
 __all__ = [
@@ -67,6 +78,7 @@ __all__ = [
     "ImageSource",
     "Subset",
     "Task",
+    "benchmark_for",
     "benchmark_names",
     "few_shot_indices",
     "get_benchmark",

@@ -177,6 +177,7 @@ class Benchmark:
                     "augment": t.augment,
                     "train": t.train.fingerprint(),
                     "test": t.test.fingerprint(),
+                    **({"val": t.val.fingerprint()} if t.val is not None else {}),
                 }
                 for t in self.tasks
             ],
@@ -190,13 +191,49 @@ class Benchmark:
         if len(set(names)) != len(names):
             raise DataError(f"benchmark {self.name}: task names must be unique, got {names}")
         for t in self.tasks:
-            for split, src in (("train", t.train), ("test", t.test)):
+            for split, src in (("train", t.train), ("test", t.test), ("val", t.val)):
+                if src is None:
+                    continue
                 labels = np.asarray(src.labels)
                 if len(src) == 0:
                     raise DataError(f"benchmark {self.name}: task {t.name} has no {split} images")
                 if labels.min() < 0 or labels.max() >= t.num_classes:
                     raise DataError(f"benchmark {self.name}: task {t.name} {split} labels out of range")
         return self
+
+
+def hold_out_indices(
+    labels: np.ndarray, per_class: int, fraction: float, seed: int, exclude: np.ndarray | None = None
+) -> np.ndarray:
+    """Validation images held out of a training pool that has no validation list: per class
+    ``min(per_class, floor(n_c * fraction))`` of its images not in ``exclude`` (the few-shot sample,
+    so validation never shares an image with training), drawn with NumPy seeded ``(seed, 1)``;
+    sorted indices into ``labels``."""
+    labels = np.asarray(labels, dtype=np.int64)
+    banned = np.zeros(labels.shape[0], dtype=bool)
+    if exclude is not None and len(exclude):
+        banned[np.asarray(exclude, dtype=np.int64)] = True
+    rng = np.random.default_rng([seed, 1])
+    out: list[np.ndarray] = []
+    for c in np.unique(labels):
+        of_class = np.flatnonzero(labels == c)
+        free = of_class[~banned[of_class]]
+        k = min(per_class, int(of_class.size * fraction), free.size)
+        if k > 0:
+            out.append(rng.choice(free, size=k, replace=False))
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+
+
+def cap_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """At most ``per_class`` indices of each class (a benchmark's own validation list, capped),
+    drawn with NumPy seeded ``(seed, 2)``; sorted indices into ``labels``."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng([seed, 2])
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        out.append(idx if idx.size <= per_class else rng.choice(idx, size=per_class, replace=False))
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
 
 
 SAMPLE_RULES = ("authors", "seeded")

@@ -113,8 +113,8 @@ def _slice_tasks(
 
 
 @register("mini-tail")
-def mini_tail(data_root: str | None = None, shots: int | None = None, seed: int = 1, sample_rule: str = "seeded") -> Benchmark:
-    """mini-tail; ``sample_rule`` is not used (its own seeded draw per task)."""
+def mini_tail(data_root: str | None = None, shots: int | None = None, seed: int = 1, **_: object) -> Benchmark:
+    """mini-tail; the sampling and validation settings of X-TAIL (``sample_rule``, ``val_*``) do not apply."""
     fashion = load_fashion_mnist(data_root)
     digits = load_digits_split()
     tasks = _slice_tasks(

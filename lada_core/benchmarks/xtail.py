@@ -24,8 +24,10 @@ SUN397          Sun397/ (sun397/)    SUN397/, split_zhou_SUN397.json
 ==============  ==================  ===========================================================
 
 A split file is ``{"train": [[relpath, label, classname], ...], "val": [...], "test": [...]}`` with
-``relpath`` relative to the image folder. Tasks train on ``train`` and are evaluated on ``test``
-(``val`` is not used). Every image listed for ``train`` and ``test`` is checked to exist when the
+``relpath`` relative to the image folder. Tasks train on ``train`` and are evaluated on ``test``;
+``val`` (and FGVC's ``images_variant_val.txt``) becomes the task's validation split, at most
+``val_per_class`` images per class; a dataset without one (MNIST) holds validation images out of its
+training pool (:func:`make_task`). Every image listed for ``train``, ``val`` and ``test`` is checked to exist when the
 benchmark is built (one directory listing per folder), so a wrong root fails at once.
 
 Class names: from the split files (``_`` replaced by a space) or ``variants.txt``; MNIST and EuroSAT
@@ -64,7 +66,9 @@ from lada_core.benchmarks.base import (
     ImageSource,
     Subset,
     Task,
+    cap_per_class,
     few_shot_indices,
+    hold_out_indices,
 )
 from lada_core.benchmarks.idx import read_idx
 
@@ -87,6 +91,11 @@ EPOCHS_FULL_SHOT: dict[str, int] = {
     "Food101": 10, "MNIST": 20, "OxfordPets": 10, "StanfordCars": 20, "SUN397": 2,
 }
 
+DEFAULT_VAL_PER_CLASS = 10
+"""Validation images per class (``data.val_per_class``); see the README, "Validation split"."""
+DEFAULT_VAL_FRACTION = 0.1
+"""Share of a class's training pool held out for validation where a dataset has no list (``data.val_fraction``)."""
+
 CLASSNAMES_OVERRIDE = "classnames.txt"
 """A file of this name inside a dataset folder replaces that dataset's class names."""
 
@@ -95,13 +104,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 @dataclass
 class DatasetSplits:
-    """What a reader returns: one dataset's class names and its train / test images."""
+    """What a reader returns: one dataset's class names and its train / test images, and its own
+    validation images where the dataset has a list of them (CoOp's ``val``, FGVC's variant_val)."""
 
     name: str
     class_names: list[str]
     train: ImageSource
     test: ImageSource
     augment: bool = True
+    val: ImageSource | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,13 +240,15 @@ def read_split_file(split_file: str | Path, image_dir: str | Path, name: str) ->
     gaps = [c for c in range(n_cls) if c not in names]
     if gaps:
         raise DataError(f"split file {path}: labels must cover 0..{n_cls - 1}; no image has label {gaps[0]}")
-    check_files_exist(img_dir, [rel for s in ("train", "test") for rel, _, _ in splits[s]], path, name)
+    check_files_exist(img_dir, [rel for s in ("train", "val", "test") for rel, _, _ in splits.get(s, [])], path, name)
 
     def source(split: str) -> FileImages:
         items = splits[split]
         return FileImages(img_dir, [rel for rel, _, _ in items], np.array([y for _, y, _ in items], dtype=np.int64))
 
-    return DatasetSplits(name, [_pretty(names[c]) for c in range(n_cls)], source("train"), source("test"))
+    out = DatasetSplits(name, [_pretty(names[c]) for c in range(n_cls)], source("train"), source("test"))
+    out.val = source("val") if splits.get("val") else None
+    return out
 
 
 def _list_images(folder: Path) -> list[str]:
@@ -258,6 +271,8 @@ def read_image_folder(folder: str | Path, name: str) -> DatasetSplits:
     for d in split_dirs.values():
         if not d.is_dir():
             raise DataError(f"{name}: {d} not found (an image folder needs train/<class>/ and test/<class>/)")
+    if (root / "val").is_dir():  # optional: validation images of the same classes
+        split_dirs["val"] = root / "val"
     classes = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{name}: no class folders in {split_dirs['train']}")
@@ -275,7 +290,7 @@ def read_image_folder(folder: str | Path, name: str) -> DatasetSplits:
             paths += [f"{sub}/{f}" for f in files]
             labels += [index[sub]] * len(files)
         sources[s] = FileImages(d, paths, np.array(labels, dtype=np.int64))
-    return DatasetSplits(name, [_pretty(c) for c in classes], sources["train"], sources["test"])
+    return DatasetSplits(name, [_pretty(c) for c in classes], sources["train"], sources["test"], val=sources.get("val"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +323,8 @@ def _read_aircraft(d: Path) -> DatasetSplits:
         check_files_exist(image_dir, paths, path, "Aircraft")
         return FileImages(image_dir, paths, np.array(labels, dtype=np.int64))
 
-    return DatasetSplits("Aircraft", names, split("train"), split("test"))
+    val = split("val") if (d / "images_variant_val.txt").is_file() else None
+    return DatasetSplits("Aircraft", names, split("train"), split("test"), val=val)
 
 
 def _split_reader(name: str, split_file: str, image_sub: str, packaged: str | None = None,
@@ -425,19 +441,37 @@ def read_dataset(name: str, root: str | Path) -> DatasetSplits:
 
 
 def make_task(splits: DatasetSplits, shots: int | None, seed: int, epochs: int, name: str | None = None,
-              augment: bool | None = None, sample_rule: str = "authors") -> Task:
+              augment: bool | None = None, sample_rule: str = "authors", val_per_class: int = DEFAULT_VAL_PER_CLASS,
+              val_fraction: float = DEFAULT_VAL_FRACTION) -> Task:
     """A :class:`Task` from a reader's output; ``shots`` samples the training images per class
-    (:func:`few_shot_indices` with ``sample_rule``, with replacement for a short class), ``None`` keeps all."""
+    (:func:`few_shot_indices` with ``sample_rule``, with replacement for a short class), ``None`` keeps all.
+
+    Validation: the dataset's own validation list, at most ``val_per_class`` images per class; a
+    dataset without one (MNIST, an image folder without ``val/``) holds images out of its training
+    pool: per class ``min(val_per_class, floor(n * val_fraction))``, never one of the few-shot images
+    (they are drawn first, from the whole pool, so the few-shot sample stays the authors'). In
+    full-shot the held-out images leave the training set. ``val_per_class=0``: no validation split."""
     task_name = name or splits.name
-    train: ImageSource = splits.train
+    pool = splits.train
+    labels = np.asarray(pool.labels)
+    shot_idx = None
     if shots is not None:
         if shots < 1:
             raise DataError(f"{task_name}: shots must be a positive number or None (full-shot), got {shots}")
         try:
-            idx = few_shot_indices(np.asarray(train.labels), shots, seed, len(splits.class_names), sample_rule)
+            shot_idx = few_shot_indices(labels, shots, seed, len(splits.class_names), sample_rule)
         except DataError as exc:
             raise DataError(f"{task_name}: {exc}") from None
-        train = Subset(train, idx)
+    val: ImageSource | None = None
+    train: ImageSource = pool if shot_idx is None else Subset(pool, shot_idx)
+    if val_per_class > 0 and splits.val is not None:
+        val = Subset(splits.val, cap_per_class(np.asarray(splits.val.labels), val_per_class, seed))
+    elif val_per_class > 0:
+        held = hold_out_indices(labels, val_per_class, val_fraction, seed, exclude=shot_idx)
+        if held.size:
+            val = Subset(pool, held)
+            if shot_idx is None:
+                train = Subset(pool, np.setdiff1d(np.arange(len(pool)), held))
     return Task(
         name=task_name,
         class_names=list(splits.class_names),
@@ -445,6 +479,7 @@ def make_task(splits: DatasetSplits, shots: int | None, seed: int, epochs: int, 
         test=splits.test,
         epochs=int(epochs),
         augment=splits.augment if augment is None else augment,
+        val=val,
     )
 
 
@@ -477,6 +512,7 @@ def xtail_tasks(
     seed: int = 1,
     epochs: Mapping[str, int] | None = None,
     sample_rule: str = "authors",
+    val_per_class: int = DEFAULT_VAL_PER_CLASS, val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> list[Task]:
     """The X-TAIL tasks read from ``root`` in ``order`` ("I", "II" or a list of dataset names).
 
@@ -491,7 +527,8 @@ def xtail_tasks(
         if not isinstance(e, int) or isinstance(e, bool) or e < 1:
             raise DataError(f"epochs override for {n} must be a positive integer, got {e!r}")
     return [
-        make_task(read_dataset(n, root), shots, seed, overrides.get(n, default_epochs(n, shots)), sample_rule=sample_rule)
+        make_task(read_dataset(n, root), shots, seed, overrides.get(n, default_epochs(n, shots)), sample_rule=sample_rule,
+                  val_per_class=val_per_class, val_fraction=val_fraction)
         for n in names
     ]
 
@@ -505,16 +542,20 @@ def _need_root(data_root: str | None, bench: str) -> str:
 
 
 @register("xtail")
-def xtail(data_root: str | None = None, shots: int | None = None, seed: int = 1, sample_rule: str = "authors") -> Benchmark:
+def xtail(data_root: str | None = None, shots: int | None = None, seed: int = 1, sample_rule: str = "authors",
+          val_per_class: int = DEFAULT_VAL_PER_CLASS, val_fraction: float = DEFAULT_VAL_FRACTION) -> Benchmark:
     """X-TAIL in order I (method page section 7)."""
-    tasks = xtail_tasks(_need_root(data_root, "xtail"), "I", shots, seed, sample_rule=sample_rule)
+    tasks = xtail_tasks(_need_root(data_root, "xtail"), "I", shots, seed, sample_rule=sample_rule,
+                        val_per_class=val_per_class, val_fraction=val_fraction)
     return Benchmark("xtail", tasks, description="X-TAIL, order I")
 
 
 @register("xtail-order2")
-def xtail_order2(data_root: str | None = None, shots: int | None = None, seed: int = 1, sample_rule: str = "authors") -> Benchmark:
+def xtail_order2(data_root: str | None = None, shots: int | None = None, seed: int = 1, sample_rule: str = "authors",
+                 val_per_class: int = DEFAULT_VAL_PER_CLASS, val_fraction: float = DEFAULT_VAL_FRACTION) -> Benchmark:
     """X-TAIL in order II (method page section 7)."""
-    tasks = xtail_tasks(_need_root(data_root, "xtail-order2"), "II", shots, seed, sample_rule=sample_rule)
+    tasks = xtail_tasks(_need_root(data_root, "xtail-order2"), "II", shots, seed, sample_rule=sample_rule,
+                        val_per_class=val_per_class, val_fraction=val_fraction)
     return Benchmark("xtail-order2", tasks, description="X-TAIL, order II")
 
 
@@ -522,12 +563,18 @@ def xtail_order2(data_root: str | None = None, shots: int | None = None, seed: i
 # User-defined benchmark (YAML)
 # --------------------------------------------------------------------------------------------------
 
-_TOP_KEYS = ("name", "description", "default_epochs", "datasets")
+_TOP_KEYS = ("name", "description", "default_epochs", "val_fraction", "datasets")
 _ENTRY_KEYS = {
-    "reader": ("reader", "root", "name", "epochs", "augment"),
-    "folder": ("name", "folder", "epochs", "augment"),
-    "split_file": ("name", "split_file", "image_dir", "epochs", "augment"),
+    "reader": ("reader", "root", "name", "epochs", "augment", "val_fraction"),
+    "folder": ("name", "folder", "epochs", "augment", "val_fraction"),
+    "split_file": ("name", "split_file", "image_dir", "epochs", "augment", "val_fraction"),
 }
+
+
+def _val_fraction(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise DataError(f"{where}: 'val_fraction' must be a number in [0, 1), got {value!r}")
+    return float(value)
 DEFAULT_USER_EPOCHS = 10
 
 
@@ -563,7 +610,7 @@ def _load_yaml(path: Path) -> Any:
 
 def _user_entry(
     entry: Any, i: int, path: Path, data_root: str | None, shots: int | None, seed: int, default_ep: int,
-    sample_rule: str = "authors",
+    sample_rule: str = "authors", val_per_class: int = DEFAULT_VAL_PER_CLASS, val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> Task:
     where = f"{path}: datasets[{i}]"
     if not isinstance(entry, dict):
@@ -585,6 +632,7 @@ def _user_entry(
     if augment is not None and not isinstance(augment, bool):
         raise DataError(f"{where}: 'augment' must be true or false, got {augment!r}")
     yaml_dir = path.parent
+    frac = _val_fraction(entry["val_fraction"], where) if "val_fraction" in entry else val_fraction
 
     if kind == "reader":
         reader = entry["reader"]
@@ -598,7 +646,8 @@ def _user_entry(
             raise DataError(f"{where}: reader {reader} needs a 'root' or --data-root")
         splits = read_dataset(reader, root)
         ep = epochs if epochs is not None else default_epochs(reader, shots)
-        return make_task(splits, shots, seed, ep, name=name, augment=augment, sample_rule=sample_rule)
+        return make_task(splits, shots, seed, ep, name=name, augment=augment, sample_rule=sample_rule,
+                         val_per_class=val_per_class, val_fraction=frac)
 
     if name is None:
         raise DataError(f"{where}: a {kind} entry needs a 'name'")
@@ -611,13 +660,14 @@ def _user_entry(
             if "image_dir" in entry else split_file.parent
         )
         splits = read_split_file(split_file, image_dir, name)
-    return make_task(splits, shots, seed, epochs if epochs is not None else default_ep, augment=augment, sample_rule=sample_rule)
+    return make_task(splits, shots, seed, epochs if epochs is not None else default_ep, augment=augment, sample_rule=sample_rule,
+                     val_per_class=val_per_class, val_fraction=frac)
 
 
 @register("user-yaml")
 def user_yaml_benchmark(
     path: str | Path, data_root: str | None = None, shots: int | None = None, seed: int = 1,
-    sample_rule: str = "authors",
+    sample_rule: str = "authors", val_per_class: int = DEFAULT_VAL_PER_CLASS, val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> Benchmark:
     """A task sequence described by a YAML file (see the README section "Your own task sequence").
 
@@ -643,7 +693,9 @@ def user_yaml_benchmark(
     description = doc.get("description", f"user benchmark {p}")
     if not isinstance(name, str) or not isinstance(description, str):
         raise DataError(f"{p}: 'name' and 'description' must be strings")
-    tasks = [_user_entry(e, i, p, data_root, shots, seed, default_ep, sample_rule) for i, e in enumerate(entries)]
+    frac = doc.get("val_fraction", val_fraction)
+    tasks = [_user_entry(e, i, p, data_root, shots, seed, default_ep, sample_rule, val_per_class, _val_fraction(frac, str(p)))
+             for i, e in enumerate(entries)]
     return Benchmark(name, tasks, description=description)
 
 

@@ -110,9 +110,9 @@ def load_bundle(path: str | Path) -> FeatureBundle:
 def ensure_cache(cfg: Any, progress: bool = True, run_jobs: Any = None, backbone: Any = None, log: Any = None, verify: bool = True, num_workers: int = 0) -> CacheInfo:
     """Build or find the cache that ``cfg`` (a :class:`lada_core.config.Config`) describes. A found
     cache is verified before reuse (array sha256 with ``verify``; see :func:`~lada_core.features.cache.build_cache`)."""
-    from lada_core.benchmarks import get_benchmark
+    from lada_core.benchmarks import benchmark_for
 
-    bench = get_benchmark(cfg.data.benchmark, cfg.data.data_root, cfg.data.shots, cfg.data.sample_seed, cfg.data.sample_rule)
+    bench = benchmark_for(cfg.data)
     return build_cache(
         bench,
         cfg.backbone.model,
