@@ -77,14 +77,9 @@ def _running_cluster() -> str | None:
     env = os.environ.get("RAY_ADDRESS", "")
     if env:
         return env
-    try:
-        from ray._private.services import get_ray_address_from_environment
+    from sweeps import ray_compat
 
-        return get_ray_address_from_environment("auto", None)
-    except ConnectionError:
-        return None
-    except Exception:  # a Ray whose private helper moved: fall back to Ray's own lookup
-        return "auto"
+    return ray_compat.running_cluster_address()
 
 
 def _first_line(exc: BaseException) -> str:

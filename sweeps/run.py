@@ -638,9 +638,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
         t_fit = time.time()
         tuner = None
         guard.install_filters()
-        from sweeps.tune_fixes import ignore_stale_task_failures
+        from sweeps import ray_compat
 
-        ignore_stale_task_failures()  # a node lost: Tune must not end a trial it has requeued
+        ray_compat.ignore_stale_task_failures()  # a node lost: Tune must not end a trial it has requeued
         try:
             if args.resume and tune.Tuner.can_restore(folder):
                 from sweeps.search import expect_tune_trials, saved_tune_trials
@@ -691,8 +691,9 @@ def _tracker_of(tuner: Any) -> Any:
 
 
 def _callback_of(tuner: Any, cls: type) -> Any:
-    internal = getattr(tuner, "_local_tuner", None)
-    for cb in getattr(getattr(internal, "_run_config", None), "callbacks", None) or []:
+    from sweeps import ray_compat
+
+    for cb in ray_compat.tuner_callbacks(tuner):
         if isinstance(cb, cls):
             return cb
     return None
@@ -744,15 +745,9 @@ def _study_file_exists(url: str) -> bool:
 
 def _apply_runtime_overrides(tuner: Any, args: argparse.Namespace) -> None:
     """On --resume, settings that may change between drivers: concurrency and the time budget."""
-    internal = getattr(tuner, "_local_tuner", None)
-    if internal is None:
-        return
-    tc = internal._tune_config
-    if args.max_concurrent:
-        tc.max_concurrent_trials = args.max_concurrent
-    tc.time_budget_s = args.time_budget_s
-    internal._run_config.verbose = args.verbose
-    internal._run_config.failure_config.max_failures = args.max_failures
+    from sweeps import ray_compat
+
+    ray_compat.apply_runtime_overrides(tuner, args.max_concurrent, args.time_budget_s, args.verbose, args.max_failures)
 
 
 def trial_rows(grid: Any, num_tasks: int, interrupted: bool = False) -> list[dict[str, Any]]:
@@ -792,6 +787,8 @@ def trial_rows(grid: Any, num_tasks: int, interrupted: bool = False) -> list[dic
 
 
 def summarize(s: Settings, grid: Any, objective: Any, t_start: float, t_fit: float, t_end: float, concurrency: int) -> dict[str, Any]:
+    from sweeps import ray_compat
+
     rows = trial_rows(grid, s.num_tasks or 0)
     completed = [r for r in rows if r["outcome"] == "completed" and r["objective"] is not None and math.isfinite(r["objective"])]
     sign = 1 if s.mode == "max" else -1
@@ -826,6 +823,7 @@ def summarize(s: Settings, grid: Any, objective: Any, t_start: float, t_fit: flo
         "study_storage": s.study_storage,
         "mlflow_uri": s.mlflow_uri,
         "parent_run_id": s.parent_run_id,
+        "guarantees": ray_compat.guarantees(),
     }
 
 
@@ -905,6 +903,9 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"(actor start, scheduling, checkpoint persistence, experiment snapshots)",
             file=out,
         )
+    inactive = {k: v for k, v in (summary.get("guarantees") or {}).items() if v != "active"}
+    for name, why in sorted(inactive.items()):
+        print(f"guarantee {name} was {why} (see sweeps/ray_compat.py)", file=out)
     print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}  (parent run {summary['parent_run_id']})", file=out)
     pending, deferred = summary.get("mlflow_unsent") or (0, 0)
     if pending or deferred:

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from lada_core import metrics as M
+from sweeps import ray_compat
 from sweeps.objective import OBJECTIVE
 from sweeps.trainable import DIVERGED, ERROR, NUM_TASKS, TASKS_DONE
 
@@ -39,22 +40,9 @@ def expect_tune_trials(trial_ids: Iterable[str] | None) -> None:
 
 
 def saved_tune_trials(folder: str | Path) -> set[str] | None:
-    """The trial ids in the newest ``experiment_state-*.json`` of a local sweep folder (the one
-    ``Tuner.restore`` loads); None when there is none or it cannot be read."""
-    import json
-
-    states = sorted(Path(folder).glob("experiment_state-*.json"))
-    if not states:
-        return None
-    try:
-        data = json.loads(states[-1].read_text())
-        out = set()
-        for entry in data["trial_data"]:
-            state = entry[0]
-            out.add(str((json.loads(state) if isinstance(state, str) else state)["trial_id"]))
-        return out
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return None
+    """The trial ids of the experiment state ``Tuner.restore`` loads from a local sweep folder
+    (None: unknown). Reads Tune's file format: :func:`sweeps.ray_compat.saved_tune_trials`."""
+    return ray_compat.saved_tune_trials(folder)
 
 
 def storage_url_for(folder: str | Path) -> str:
@@ -104,17 +92,7 @@ def _rdb_storage(url: str, attempts: int = 6) -> optuna.storages.RDBStorage:
 def storage_path(storage: Any) -> str | None:
     """The file behind an Optuna storage (a sqlite database, a journal file), for error messages;
     None for a database server."""
-    for _ in range(3):  # Optuna wraps an RDBStorage in a cache, a journal file in a JournalStorage
-        url = getattr(storage, "url", None)
-        if isinstance(url, str) and url.startswith("sqlite:///"):
-            return url[len("sqlite:///"):]
-        path = getattr(storage, "_file_path", None)
-        if path:
-            return str(path)
-        storage = getattr(storage, "_backend", None)
-        if storage is None:
-            break
-    return None
+    return ray_compat.optuna_storage_file(storage)
 
 
 def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
@@ -135,7 +113,10 @@ def make_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 class LadaOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` that tells early-stopped trials PRUNED and enqueues points idempotently."""
+    """``OptunaSearch`` that tells early-stopped trials PRUNED and enqueues points idempotently.
+
+    It reads ``OptunaSearch``'s private state through :mod:`sweeps.ray_compat` (``optuna_search_state``,
+    required: outside its tested Ray and Optuna versions the searcher refuses to start)."""
 
     def __init__(
         self,
@@ -147,20 +128,21 @@ class LadaOptunaSearch(OptunaSearch):
         study_name: str | None = None,
         storage: optuna.storages.BaseStorage | None = None,
     ) -> None:
+        ray_compat.require("optuna_search_state")
         super().__init__(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study_name, storage=storage)
         # OptunaSearch's own points_to_evaluate would enqueue them again on every construction;
         # skip_if_exists keeps a rerun on the same study from evaluating the defaults twice.
         for point in points_to_evaluate:
-            self._ot_study.enqueue_trial(dict(point), skip_if_exists=True)
+            ray_compat.search_study(self).enqueue_trial(dict(point), skip_if_exists=True)
 
     @property
     def study(self) -> optuna.Study:
-        return self._ot_study
+        return ray_compat.search_study(self)
 
     def suggest(self, trial_id: str) -> dict | None:
         try:
             params = super().suggest(trial_id)
-            ot_trial = self._ot_trials.get(trial_id)
+            ot_trial = ray_compat.search_trials(self).get(trial_id)
             if ot_trial is not None:
                 ot_trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
         except Exception as exc:
@@ -169,7 +151,7 @@ class LadaOptunaSearch(OptunaSearch):
             # instead; lada-sweep reports it in one line, trials stay resumable.
             from sweeps.storage import StorageError, describe, report_failure
 
-            where = storage_path(self._ot_study._storage)
+            where = storage_path(ray_compat.study_storage(self.study))
             found = describe(exc, where)
             if found is None:
                 raise
@@ -178,8 +160,8 @@ class LadaOptunaSearch(OptunaSearch):
         return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
+        ot_trial = ray_compat.search_trials(self).get(trial_id)
+        if ot_trial is None or trial_id in ray_compat.search_completed(self):
             return
         value = result.get(self.metric)
         step = result.get(M.TASK_INDEX, result.get("training_iteration"))
@@ -206,20 +188,20 @@ class LadaOptunaSearch(OptunaSearch):
         return TrialState.COMPLETE, float(value)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
+        if trial_id in ray_compat.search_completed(self):
             return
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = ray_compat.search_trials(self).get(trial_id)
         if ot_trial is None:
             return
-        self._completed_trials.add(trial_id)
-        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        ray_compat.search_completed(self).add(trial_id)
+        frozen = ray_compat.frozen_trial(self.study, ot_trial)
         if frozen.state.is_finished():
             return  # told before a driver restart whose state predates it
         state, value = self.outcome(result, self.metric, error)
         if result and result.get(ERROR):
             ot_trial.set_user_attr("error", str(result[ERROR])[:500])
         try:
-            self._ot_study.tell(ot_trial, value if state == TrialState.COMPLETE else None, state=state)
+            self.study.tell(ot_trial, value if state == TrialState.COMPLETE else None, state=state)
         except Exception as exc:
             logger.warning("could not tell Optuna the end of trial %s: %s", trial_id, exc)
 
@@ -236,28 +218,28 @@ class LadaOptunaSearch(OptunaSearch):
         newer than the searcher's, or the other way round): a RUNNING trial of the study that Tune
         restores is adopted by its ``ray_trial_id`` (it runs again and is told its end), and one the
         searcher holds but Tune does not know is dropped, then failed here."""
-        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if tune_trials is not None:
             tune_trials = set(tune_trials)
             for t in running:
                 rid = t.user_attrs.get(RAY_TRIAL_ID_ATTR)
-                if rid in tune_trials and rid not in self._ot_trials:
-                    self._ot_trials[rid] = optuna.trial.Trial(self._ot_study, t._trial_id)
+                if rid in tune_trials and rid not in ray_compat.search_trials(self):
+                    ray_compat.search_trials(self)[rid] = ray_compat.optuna_trial(self.study, t)
                     logger.info("Optuna trial %d adopted by its Tune trial %s", t.number, rid)
             numbers = {t.number for t in running}
-            for rid, ot_trial in list(self._ot_trials.items()):
+            for rid, ot_trial in list(ray_compat.search_trials(self).items()):
                 if rid not in tune_trials and ot_trial.number in numbers:
-                    del self._ot_trials[rid]
-        owned = {t.number for t in self._ot_trials.values()}
+                    del ray_compat.search_trials(self)[rid]
+        owned = {t.number for t in ray_compat.search_trials(self).values()}
         failed = []
         for t in running:
             if t.number not in owned:
                 try:
-                    self._ot_study.tell(t.number, state=TrialState.FAIL)
+                    self.study.tell(t.number, state=TrialState.FAIL)
                     failed.append(t.number)
                     fixed = t.system_attrs.get("fixed_params")
                     if fixed:  # an enqueued point (the paper defaults, a grid point) that never ran
-                        self._ot_study.enqueue_trial(dict(fixed), skip_if_exists=False)
+                        self.study.enqueue_trial(dict(fixed), skip_if_exists=False)
                 except Exception as exc:  # pragma: no cover - raced with another writer
                     logger.warning("could not close orphaned Optuna trial %d: %s", t.number, exc)
         return failed

@@ -58,14 +58,6 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 _ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.I)
 _PATH_IN_TEXT = re.compile(r"""['"](/[^'"\n]{1,400})['"]""")
 
-# Loggers whose records carry a storage failure in Tune's driver (an experiment-state upload).
-RAY_LOGGERS = (
-    "ray.tune.execution.experiment_state",
-    "ray.tune.tune",
-    "ray.tune.execution.tune_controller",
-    "ray.train._internal.syncer",
-    "ray.train._internal.storage",
-)
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:
@@ -219,14 +211,6 @@ class _SafeUpload:
             self.original(local_path=local_path, fs=fs, fs_path=fs_path, exclude=exclude)
 
 
-def _ray_storage_module() -> Any:
-    try:
-        from ray.train._internal import storage as ray_storage
-    except ImportError:  # pragma: no cover - another Ray layout: keep Ray's own uploads
-        return None
-    return ray_storage if callable(getattr(ray_storage, "_upload_to_fs_path", None)) else None
-
-
 class _Filter(logging.Filter):
     def __init__(self, guard: StorageGuard) -> None:
         super().__init__()
@@ -346,12 +330,12 @@ class StorageGuard(Callback, Stopper):
         """Take over storage-failure log records of Ray's driver, and make its uploads to a local
         folder write changed files atomically (see the module docstring). Undone by
         :meth:`remove_filters`."""
-        mod = _ray_storage_module()
-        if mod is not None and not isinstance(mod._upload_to_fs_path, _SafeUpload):
-            mod._upload_to_fs_path = _SafeUpload(mod._upload_to_fs_path)
+        from sweeps import ray_compat
+
+        ray_compat.wrap_uploads(_SafeUpload, _SafeUpload)
         if self._filters:
             return
-        for name in RAY_LOGGERS:
+        for name in ray_compat.storage_loggers():
             logger = logging.getLogger(name)
             f = _Filter(self)
             logger.addFilter(f)
@@ -361,9 +345,9 @@ class StorageGuard(Callback, Stopper):
         for logger, f in self._filters:
             logger.removeFilter(f)
         self._filters = []
-        mod = _ray_storage_module()
-        if mod is not None and isinstance(mod._upload_to_fs_path, _SafeUpload):
-            mod._upload_to_fs_path = mod._upload_to_fs_path.original
+        from sweeps import ray_compat
+
+        ray_compat.unwrap_uploads(_SafeUpload)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         message = result.get(STORAGE_ERROR)
@@ -380,12 +364,14 @@ class StorageGuard(Callback, Stopper):
         """Write a trial that just ended to storage now (its files do not change any more), rather
         than at Tune's next experiment snapshot: a disk that fills up later cannot cost its last
         results. Local or mounted storage only (cloud storage is Ray's periodic upload)."""
-        try:
-            import pyarrow.fs as pafs
+        import pyarrow.fs as pafs
 
-            local, remote, fs = trial.local_path, trial.path, trial.storage.storage_filesystem
-        except Exception:
+        from sweeps import ray_compat
+
+        where = ray_compat.trial_storage(trial)
+        if where is None:
             return
+        local, remote, fs = where
         if not (local and remote and os.path.isdir(local) and isinstance(fs, pafs.LocalFileSystem)):
             return
         try:

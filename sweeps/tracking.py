@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import shutil
 import subprocess
 import tempfile
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from lada_core import metrics as M
+from sweeps import ray_compat
 from sweeps.objective import OBJECTIVE
 from sweeps.trainable import DIVERGED, ERROR, NUM_TASKS, TASK_SECONDS, TASKS_DONE
 
@@ -737,7 +737,6 @@ def close_orphans(client: MlflowClient, experiment_id: str, parent_run_id: str, 
 
 
 # -- catching up with Ray's results (``python -m sweeps.report --sync-mlflow``) ---------------------
-_TRIAL_DIR_ID = re.compile(r"_([0-9a-f]{8}(?:_\d{5})?)_\d+_")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -770,10 +769,9 @@ def stored_trials(folder: str | Path) -> dict[str, dict[str, Any]]:
         rows = _read_jsonl(d / "result.json")
         tid = rows[0].get("trial_id") if rows else None
         if not tid:
-            m = _TRIAL_DIR_ID.search(d.name)
-            if not m:
+            tid = ray_compat.trial_id_of_dir(d.name)
+            if not tid:
                 continue
-            tid = m.group(1)
         try:
             config = json.loads((d / "params.json").read_text())
         except (OSError, json.JSONDecodeError):

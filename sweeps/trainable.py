@@ -156,7 +156,9 @@ def newest_stored_checkpoint(results_dir: str | None, trial_id: str, newer_than:
     if not results_dir:
         return None
     found: list[tuple[int, Path]] = []
-    for trial_dir in Path(results_dir).glob(f"*_{trial_id}_*"):
+    from sweeps import ray_compat
+
+    for trial_dir in ray_compat.trial_dirs(results_dir, trial_id):
         for p in trial_dir.glob("checkpoint_*/task-*/state.pt"):
             try:
                 k = int(p.parent.name.split("-")[1])

@@ -813,35 +813,3 @@ def test_a_restored_trial_skips_steps_its_driver_already_recorded(mini_cache: An
     assert recorded_step(results, "t9", DRIVER_SESSION) == -1
     (tmp_path / "a-file").write_text("x")
     ResultLedger(str(tmp_path / "a-file" / "below")).on_trial_result(0, [], Trial(), {M.TASK_INDEX: 1})  # unwritable: ignored
-
-
-def test_a_failure_of_an_actor_a_requeued_trial_no_longer_has_is_ignored() -> None:
-    """Tune (2.60) requeues a trial whose actor failed (PENDING, no actor), then a second failure of
-    the same dead actor ended it as ERROR: the guard drops failures reaching a PENDING trial without
-    an actor and passes every other one to Tune."""
-    from ray.tune.execution.tune_controller import TuneController
-
-    from sweeps.tune_fixes import _IgnoreStale, ignore_stale_task_failures
-
-    assert ignore_stale_task_failures() and ignore_stale_task_failures()
-    guard = TuneController.__dict__["_trial_task_failure"]
-    assert isinstance(guard, _IgnoreStale) and not isinstance(guard.original, _IgnoreStale), "installed once"
-
-    seen: list[tuple[str, str]] = []
-
-    class Controller:
-        _trial_task_failure = _IgnoreStale(lambda self, trial, exc: seen.append((trial.name, str(exc))))
-
-        def __init__(self) -> None:
-            self._trial_to_actor: dict[Any, Any] = {}
-
-    class T:
-        def __init__(self, name: str, status: str) -> None:
-            self.name, self.status = name, status
-
-    c = Controller()
-    requeued, running, pending_with_actor = T("requeued", "PENDING"), T("running", "RUNNING"), T("starting", "PENDING")
-    c._trial_to_actor[running] = c._trial_to_actor[pending_with_actor] = object()
-    for trial in (requeued, running, pending_with_actor):
-        c._trial_task_failure(trial, RuntimeError("The actor is unavailable"))
-    assert seen == [("running", "The actor is unavailable"), ("starting", "The actor is unavailable")]
