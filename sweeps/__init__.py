@@ -1,8 +1,11 @@
 """The sweep layer: Ray Tune places trials, Optuna chooses settings, MLflow records every task step.
 
-Modules: :mod:`sweeps.run` (the ``lada-sweep`` CLI), :mod:`sweeps.trainable` (one trial = one
-``run_continual`` with per-task reports and checkpoints), :mod:`sweeps.search` (Optuna under Tune,
-early-stopped trials told as pruned), :mod:`sweeps.tracking` (the driver-side MLflow callback),
-:mod:`sweeps.resources` (resource checks before a sweep starts), :mod:`sweeps.distributed`
-(data-parallel trials over several GPUs), :mod:`sweeps.report` (tables, best config, importances).
+Dependencies point one way (``tests/test_sweeps_layout.py`` checks it): :mod:`sweeps.cli` (flags,
+exit codes) -> :mod:`sweeps.settings` (frozen settings, resume identity) and :mod:`sweeps.plan`
+(every check before anything runs) -> :mod:`sweeps.runner` (Ray, the cache, MLflow, the Tuner) ->
+:mod:`sweeps.search` (Optuna under Tune), :mod:`sweeps.optuna_storage` (the study, no Ray),
+:mod:`sweeps.tracking` (MLflow), :mod:`sweeps.storage` (a full or read-only disk),
+:mod:`sweeps.trainable` (one trial), :mod:`sweeps.summary`; :mod:`sweeps.ray_compat` holds every touch
+of a Ray or Optuna internal. :mod:`sweeps.report` reads a sweep; ``sweeps/run.py`` is the
+``python sweeps/run.py`` shim.
 """

@@ -12,23 +12,9 @@ needs more (a Ray 2.60 bug, a file format Ray does not document), the touch live
 - ``tests/test_ray_compat.py`` holds one fast contract test per touch, which fails in seconds when a
   new Ray or Optuna moves the internal.
 
-The touches (name: what it keeps):
-
-``stale_task_failures``  a trial Tune requeued after its node was lost is not ended by a second failure
-                         of its old actor (``TuneController._schedule_trial_task``, ``_trial_to_actor``)
-``atomic_uploads``       the driver's uploads to a local folder write changed files only, each renamed
-                         into place (``ray.train._internal.storage._upload_to_fs_path``)
-``storage_log_records``  storage failures Ray only logs stop the sweep (Ray's driver logger names)
-``trial_persist``        a finished trial is written to the results folder at once (``Trial.storage``)
-``tuner_internals``      ``--resume`` applies new concurrency/time budget/verbosity/max failures, and
-                         reads the callbacks a restored Tuner really ran (``Tuner._local_tuner``)
-``experiment_state``     a restored searcher reconciles with the trials Tune restores
-                         (``experiment_state-*.json``'s ``trial_data``)
-``trial_folders``        a trial's folder is found by its id (``<trainable>_<trial id>_<n>_...``)
-``ray_address``          ``--address auto`` finds a running cluster (``ray._private.services``)
-``optuna_search_state``  the Optuna searcher (``OptunaSearch._ot_study``, ``_ot_trials``,
-                         ``_completed_trials``; Optuna's ``Trial(study, trial_id)``). Required: a
-                         sweep cannot run without it, so it raises :class:`RayCompatError` instead.
+The touches, by name, and what each one keeps: :data:`GUARANTEES`. The Optuna searcher's touch
+(``optuna_search_state``) is required: outside its range the searcher refuses to start
+(:class:`RayCompatError`) instead.
 """
 
 from __future__ import annotations
@@ -349,7 +335,7 @@ def ignore_stale_task_failures() -> bool:
 
     current = TuneController.__dict__["_schedule_trial_task"]
     if not isinstance(current, _GuardedSchedule):
-        TuneController._schedule_trial_task = _GuardedSchedule(current)  # type: ignore[method-assign]
+        TuneController._schedule_trial_task = _GuardedSchedule(current)  # type: ignore[method-assign,assignment]
     return True
 
 
@@ -373,7 +359,7 @@ def unwrap_uploads(wrapper_type: type) -> None:
     from ray.train._internal import storage as ray_storage
 
     if isinstance(ray_storage._upload_to_fs_path, wrapper_type):
-        ray_storage._upload_to_fs_path = ray_storage._upload_to_fs_path.original
+        ray_storage._upload_to_fs_path = getattr(ray_storage._upload_to_fs_path, "original")  # noqa: B009
 
 
 def storage_loggers() -> tuple[str, ...]:

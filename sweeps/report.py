@@ -8,10 +8,7 @@ each trial's last Tune result for Transfer / Average / Last), writes the best co
 ``lada-train --config``, prints Optuna's parameter importances and, for X-TAIL, the paper's numbers
 beside the best trial's.
 
-Importances: Optuna 5's default evaluator (PED-ANOVA) ranks parameters by how much they matter for
-reaching the LOWEST target values whenever a ``target`` is given. Accuracy is maximized, so no target
-is passed (:func:`importances`): the evaluator then follows the study's direction. fANOVA is the
-fallback when PED-ANOVA cannot run (too few trials).
+Importances: :mod:`sweeps.importance` (PED-ANOVA for a high objective, fANOVA as the fallback).
 """
 
 from __future__ import annotations
@@ -25,52 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from lada_core import metrics as M
-
-
-def load_study_for(url: str, name: str) -> Any:
-    from sweeps.search import load_study
-
-    return load_study(url, name)
-
-
-def importances(study: Any, evaluator: str = "ped-anova") -> dict[str, float]:
-    """Parameter importances of the study's COMPLETE trials for reaching GOOD objective values."""
-    import optuna
-    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
-    from optuna.trial import TrialState
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 2:
-        raise ValueError(f"importances need at least 2 completed trials, have {len(complete)}")
-    # No ``target``: the evaluator then reads the study's direction (top trials = HIGHEST accuracy).
-    # With a target, PED-ANOVA would treat LOWER as better: a maximized accuracy passed as
-    # ``target=lambda t: t.value`` silently ranks parameters for bad trials (the trap).
-    ev = PedAnovaImportanceEvaluator() if evaluator == "ped-anova" else FanovaImportanceEvaluator(seed=0)
-    try:
-        return dict(optuna.importance.get_param_importances(study, evaluator=ev))
-    except Exception:
-        if evaluator != "ped-anova":
-            raise
-        return dict(optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)))
-
-
-def importance_figure(study: Any) -> Any:
-    """A bar chart of :func:`importances` (None when there are too few trials or no parameters)."""
-    try:
-        imp = importances(study)
-    except Exception:
-        return None
-    if not imp:
-        return None
-    from matplotlib.figure import Figure
-
-    names = list(imp)[::-1]
-    fig = Figure(figsize=(6, 1 + 0.4 * len(names)), layout="constrained")
-    ax = fig.subplots()
-    ax.barh(names, [imp[n] for n in names])
-    ax.set_xlabel("importance for a high objective (PED-ANOVA)")
-    ax.set_title(study.study_name)
-    return fig
+from sweeps.importance import importances
+from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR, load_study
 
 
 def tune_results(folder: str | Path) -> dict[str, dict[str, Any]]:
@@ -101,7 +54,6 @@ def top_trials(study: Any, results: dict[str, dict[str, Any]], top: int) -> list
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
-    from sweeps.search import RAY_TRIAL_ID_ATTR
 
     sign = 1 if study.direction == StudyDirection.MAXIMIZE else -1
     rows = []
@@ -154,10 +106,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def best_config_yaml(settings: Any, params: dict[str, Any]) -> str:
     """The best trial's full config as YAML (defaults < --config < space < flags < sample < --set)."""
     from lada_core.config import config_to_yaml
-    from sweeps.run import base_config
-    from sweeps.trainable import TrialSpec
-
-    spec = TrialSpec(base_config=base_config(settings).to_dict(), overrides=tuple(settings.set))
+    spec = settings.trial_spec()
     return config_to_yaml(spec.config(params))
 
 
@@ -192,7 +141,7 @@ def sync_main(settings: Any, as_json: bool) -> int:
     """``--sync-mlflow``: catch MLflow up with Ray's results (:func:`sweeps.tracking.sync_sweep`)."""
     import os
 
-    from sweeps.run import is_uri
+    from sweeps.settings import is_uri
     from sweeps.tracking import sync_sweep
 
     if is_uri(settings.folder):
@@ -226,18 +175,17 @@ def sync_main(settings: Any, as_json: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from optuna.trial import TrialState
 
-    from sweeps.run import BEST_CONFIG, is_uri, join_path, load_settings
+    from sweeps.settings import BEST_CONFIG, is_uri, join_path, load_settings, storage_root, write_text
 
     args = build_parser().parse_args(argv)
-    storage = args.storage if is_uri(args.storage) else str(Path(args.storage).resolve())
+    storage = storage_root(args.storage)
     settings = load_settings(storage, args.name)
     if settings is None:
         print(f"report: error: no sweep {args.name!r} in {storage}", file=sys.stderr)
         return 2
-    settings.storage = storage
     if args.sync_mlflow:
         return sync_main(settings, args.json)
-    study = load_study_for(settings.study_storage, settings.name)
+    study = load_study(settings.study_storage, settings.name)
     results = tune_results(settings.folder) if not is_uri(settings.folder) else {}
     rows = top_trials(study, results, 0)
     counts: dict[str, int] = {}
@@ -249,9 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_path = args.out or join_path(settings.folder, BEST_CONFIG)
     if yaml_text is not None:
         if is_uri(out_path):
-            from sweeps.run import _write_text
-
-            _write_text(out_path, yaml_text)
+            write_text(out_path, yaml_text)
         else:
             Path(out_path).parent.mkdir(parents=True, exist_ok=True)
             Path(out_path).write_text(yaml_text)
@@ -263,9 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         imp_note = ""
     from lada_core.config import build_config
-    from sweeps.run import base_config
-
-    cfg = build_config(overrides=settings.set, base=base_config(settings))
+    cfg = build_config(overrides=settings.set, base=settings.base_config())
     paper = paper_comparison(cfg.data.benchmark, cfg.data.shots, best)
     if args.json:
         print(json.dumps({
@@ -277,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"sweep {settings.name}: space {settings.space}, objective {settings.metric} ({settings.mode}); trials: "
           + ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())))
     print(format_table(rows[: args.top] if args.top else rows))
-    if yaml_text is not None:
+    if yaml_text is not None and best is not None:
         print(f"\nbest config (trial {best['trial_id']}) -> {out_path}\n  lada-train --config {out_path}")
     else:
         print("\nno completed trial yet")

@@ -23,12 +23,11 @@ from ray.tune.search.optuna import OptunaSearch
 from lada_core import metrics as M
 from sweeps import ray_compat
 from sweeps.objective import OBJECTIVE
+from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR, storage_path
 from sweeps.trainable import DIVERGED, ERROR, NUM_TASKS, TASKS_DONE
 
 logger = logging.getLogger(__name__)
 
-RAY_TRIAL_ID_ATTR = "ray_trial_id"
-STUDY_FILE = "optuna.db"
 _saved_tune_trials: set[str] | None = None  # set by the driver before Tuner.restore (expect_tune_trials)
 
 
@@ -43,73 +42,6 @@ def saved_tune_trials(folder: str | Path) -> set[str] | None:
     """The trial ids of the experiment state ``Tuner.restore`` loads from a local sweep folder
     (None: unknown). Reads Tune's file format: :func:`sweeps.ray_compat.saved_tune_trials`."""
     return ray_compat.saved_tune_trials(folder)
-
-
-def storage_url_for(folder: str | Path) -> str:
-    """The default study storage of a sweep folder: ``sqlite:///<folder>/optuna.db``."""
-    return f"sqlite:///{Path(folder).resolve() / STUDY_FILE}"
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL (``sqlite:///...``, ``postgresql://...``) or a journal file path
-    (``*.log`` / ``*.jsonl``)."""
-    if "://" not in url:
-        path = Path(url)
-        if path.suffix in (".log", ".jsonl", ".journal"):
-            from optuna.storages import JournalStorage
-            from optuna.storages.journal import JournalFileBackend
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        url = f"sqlite:///{path.resolve()}"
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return _rdb_storage(url)
-
-
-def _rdb_storage(url: str, attempts: int = 6) -> optuna.storages.RDBStorage:
-    """``RDBStorage(url)``, again after a short wait when another process initialised the same new
-    database at the same moment, or held it locked. Each process makes the tables it does not see
-    and stamps the schema version, so the slower one meets the faster one's work: "table studies
-    already exists", or the stamp's "UNIQUE constraint failed: alembic_version". Seen when
-    ``lada-sweep-report`` (or a test, or a notebook) opens a sweep's study just as the sweep creates
-    it. Anything else (a full disk, a bad URL) is raised at once."""
-    import time
-
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
-    for attempt in range(1, attempts):
-        try:
-            return optuna.storages.RDBStorage(url)
-        except (IntegrityError, OperationalError) as exc:
-            text = str(exc)
-            if not (isinstance(exc, IntegrityError) or "database is locked" in text or "already exists" in text):
-                raise
-            time.sleep(0.2 * attempt)
-    return optuna.storages.RDBStorage(url)  # the last attempt raises whatever it meets
-
-
-def storage_path(storage: Any) -> str | None:
-    """The file behind an Optuna storage (a sqlite database, a journal file), for error messages;
-    None for a database server."""
-    return ray_compat.optuna_storage_file(storage)
-
-
-def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
-    try:
-        storage.get_study_id_from_name(name)
-        return True
-    except KeyError:
-        return False
-
-
-def load_study(url: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(url))
-
-
-def make_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
-    """TPE, seeded (multivariate with a constant liar for parallel trials is Optuna 5's default)."""
-    return optuna.samplers.TPESampler(seed=seed)
 
 
 class LadaOptunaSearch(OptunaSearch):

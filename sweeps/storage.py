@@ -321,7 +321,7 @@ class StorageGuard(Callback, Stopper):
                 os.kill(os.getpid(), signal.SIGUSR1)  # Tune's handler: end the run as on Ctrl+C
 
     # -- tune.Callback ----------------------------------------------------------------------------
-    def setup(self, **info: Any) -> None:
+    def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any) -> None:
         global _active
         _active = self
         self.install_filters()

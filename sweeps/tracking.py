@@ -59,12 +59,6 @@ STEP_METRICS = (*M.METRICS, M.SEEN_MEAN, OBJECTIVE, TASK_SECONDS)
 MATRIX_CSV = "accuracy_matrix.csv"
 MATRIX_PNG = "accuracy_matrix.png"
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-DEFAULT_EXPERIMENT = "lada-sweeps"
-
-
-def default_tracking_uri(folder: str | Path | None = None) -> str:
-    """A sqlite store in the working folder (MLflow 3's default file name)."""
-    return f"sqlite:///{(Path(folder or Path.cwd()) / 'mlflow.db').resolve()}"
 
 
 def artifact_root_for(tracking_uri: str) -> str | None:
@@ -742,7 +736,7 @@ def close_orphans(client: MlflowClient, experiment_id: str, parent_run_id: str, 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     import json
 
-    out = []
+    out: list[dict[str, Any]] = []
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -797,7 +791,7 @@ def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
 
     from mlflow.entities import Metric, Param
 
-    from sweeps.search import RAY_TRIAL_ID_ATTR
+    from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR
 
     log = log or (lambda m: None)
     counts = {"runs_created": 0, "metrics_logged": 0, "runs_closed": 0, "parent_closed": 0, "duplicate_runs": 0}
@@ -823,7 +817,7 @@ def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
         summary_rows = {str(r["trial_id"]): r["outcome"] for r in summary.get("rows", [])}
     study_states: dict[str, str] = {}
     try:
-        from sweeps.search import load_study
+        from sweeps.optuna_storage import load_study
 
         for t in load_study(settings.study_storage, settings.name).get_trials(deepcopy=False):
             tid = t.user_attrs.get(RAY_TRIAL_ID_ATTR)
@@ -833,10 +827,7 @@ def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
         log(f"no Optuna study: {exc}")
     spec = None
     try:
-        from sweeps.run import base_config
-        from sweeps.trainable import TrialSpec
-
-        spec = TrialSpec(base_config=base_config(settings).to_dict(), overrides=tuple(settings.set))
+        spec = settings.trial_spec()
     except Exception as exc:
         log(f"no config for config.yaml: {exc}")
 
@@ -908,14 +899,16 @@ def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
             counts["runs_closed"] += 1
 
     if summary is not None and (parent.info.status == "RUNNING" or "trials_completed" not in parent.data.metrics):
-        from sweeps.run import BEST_CONFIG, write_parent_end
+        from sweeps.settings import BEST_CONFIG
+        from sweeps.summary import write_parent_end
 
         best_yaml = (folder / BEST_CONFIG).read_text() if (folder / BEST_CONFIG).is_file() else None
         fig = None
         try:
-            from sweeps.report import importance_figure, load_study_for
+            from sweeps.importance import importance_figure
+            from sweeps.optuna_storage import load_study
 
-            fig = importance_figure(load_study_for(settings.study_storage, settings.name))
+            fig = importance_figure(load_study(settings.study_storage, settings.name))
         except Exception:
             fig = None
         write_parent_end(client, settings.parent_run_id, summary, best_yaml, fig)

@@ -129,7 +129,7 @@ REFERENCE = textwrap.dedent("""
     import json, sys
     from lada_core.features import load_bundle
     from lada_core.trainer import run_continual
-    from sweeps.run import Settings, base_config
+    from sweeps.settings import Settings, base_config
     from sweeps.trainable import TrialSpec
     st, config, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
     spec = TrialSpec(base_config=base_config(Settings(**st)).to_dict(), overrides=tuple(st["set"]))

@@ -206,7 +206,8 @@ point_items = st.one_of(
 @example(item="optim.epochs=3")
 @example(item="lada.memory_size=0")
 def test_point_is_parsed_or_rejected_in_one_line(smoke_spec: Any, item: str) -> None:
-    from sweeps.run import UsageError, parse_points, suggested_names
+    from sweeps.plan import parse_points, suggested_names
+    from sweeps.settings import UsageError
 
     names = suggested_names(get_space("lada_smoke"))
     try:
@@ -236,12 +237,12 @@ set_items = st.one_of(
 
 @pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    import sweeps.run
+    import sweeps.runner
 
     def stop(*args: Any, **kwargs: Any) -> None:
         raise _WouldStartRay
 
-    monkeypatch.setattr(sweeps.run, "_connect_ray", stop)
+    monkeypatch.setattr(sweeps.runner, "connect_ray", stop)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -262,7 +263,7 @@ def test_lada_sweep_inputs_are_accepted_or_one_line(no_ray: Path, capsys: pytest
     """Random ``--set``/``--metric``/``--point``/``--space`` values: lada-sweep either gets as far
     as starting Ray (every input was valid), or exits with 2 and exactly one ``lada-sweep: error:``
     line on stderr - never a traceback."""
-    from sweeps.run import main
+    from sweeps.cli import main
 
     argv = ["--storage", str(no_ray / "results"), "--name", "p", "--mlflow-uri", f"sqlite:///{no_ray / 'mlflow.db'}",
             "--set=data.cache_root=" + str(no_ray / "cache"), "--set=train.device=cpu", "--set=data.device=cpu"]

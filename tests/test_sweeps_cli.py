@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sweeps_helpers import SweepDirs, free_port, run_sweep, sweep_args
 
-from sweeps import run as run_module
-from sweeps.run import main
+from sweeps import runner as runner_module
+from sweeps.cli import main
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_pretrained_weights_that_cannot_be_had(dirs: SweepDirs, capsys: pytest.C
     monkeypatch.setattr(backbone, "_hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(dirs.root / "hub"))
     started: list[object] = []
-    monkeypatch.setattr(run_module, "_connect_ray", lambda *a: started.append(a))
+    monkeypatch.setattr(runner_module, "connect_ray", lambda *a: started.append(a))
     msg = _bad(dirs, capsys, "--space", "lada_smoke", "--set", "backbone.model=ViT-B-16", "--set", "backbone.pretrained=openai")
     assert "could not fetch pretrained weights ViT-B-16/openai" in msg and "backbone.pretrained=/path/to/ckpt.pt" in msg
     assert not started, "Ray was started before the weights were checked"

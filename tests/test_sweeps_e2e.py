@@ -286,7 +286,7 @@ def test_multi_gpu_trial_placement_with_logical_gpus(dirs: SweepDirs) -> None:
     from sweeps.trainable import TrialSpec
 
     st = settings(dirs, "dp")
-    from sweeps.run import Settings, base_config
+    from sweeps.settings import Settings, base_config
 
     spec = TrialSpec(base_config=base_config(Settings(**st)).to_dict(), overrides=tuple(st["set"]))
     cfg = spec.config({})

@@ -101,7 +101,8 @@ DEFAULTS = {"lada.memory_size": 16, "optim.lr": 1e-3}
 
 
 def _searcher(url: str, name: str = "s") -> Any:
-    from sweeps.search import LadaOptunaSearch, make_sampler, open_storage
+    from sweeps.optuna_storage import make_sampler, open_storage
+    from sweeps.search import LadaOptunaSearch
 
     return LadaOptunaSearch(_space, metric=OBJECTIVE, mode="max", points_to_evaluate=[DEFAULTS], sampler=make_sampler(0), study_name=name, storage=open_storage(url))
 
@@ -161,7 +162,7 @@ def test_a_new_study_database_opened_by_two_processes_at_once(tmp_path: Path, mo
     database error is raised at once."""
     from sqlalchemy.exc import IntegrityError, OperationalError
 
-    from sweeps import search
+    from sweeps import optuna_storage as search
 
     real, calls = optuna.storages.RDBStorage, []
 
@@ -189,7 +190,7 @@ def test_a_new_study_database_opened_by_two_processes_at_once(tmp_path: Path, mo
 OPEN_STUDY = """
 import sys, time
 import optuna
-from sweeps.search import open_storage
+from sweeps.optuna_storage import open_storage
 start = float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))
 study = optuna.create_study(study_name="s", storage=open_storage(sys.argv[1]), load_if_exists=True)
@@ -336,7 +337,7 @@ def test_restored_searcher_reconciles_with_the_trials_tune_restores(tmp_path: Pa
 def test_importances_follow_the_direction() -> None:
     """Parameter 'a' decides whether a trial reaches HIGH accuracy; 'b' only spreads the low ones.
     Our importances rank 'a' first; PED-ANOVA given the accuracy as target ranks for LOW values."""
-    from sweeps.report import importances
+    from sweeps.importance import importances
 
     rng = np.random.default_rng(0)
     study = optuna.create_study(direction="maximize")

@@ -1,0 +1,214 @@
+"""The end of a sweep: one row per trial, the summary (``summary.json``, the parent run's metrics
+and tags, the best config as YAML) and what ``lada-sweep`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sweeps.settings import BEST_CONFIG, DEFAULT_STORAGE, SUMMARY_FILE, Settings, join_path, write_text
+
+
+def storage_stop(s: Settings, grid: Any, client: Any, parent: str, tracker: Any, message: str,
+                 t_start: float, t_fit: float, t_end: float, study: Any = None) -> int:
+    """The sweep was stopped by a storage failure: one line naming the path, what is kept, how to
+    continue; the parent run says why. Nothing more is written to the results folder."""
+    from mlflow.entities import RunTag
+
+    from sweeps.storage import EXIT_STORAGE
+
+    rows = trial_rows(grid, s.num_tasks or 0, interrupted=True) if grid is not None else []
+    done = sum(1 for r in rows if r["outcome"] in ("completed", "pruned"))
+    if grid is None and study is not None:  # Tune itself stopped: the study (read, not written) counts them
+        try:
+            from optuna.trial import TrialState
+
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        except Exception:
+            pass
+    try:
+        client.log_batch(parent, tags=[RunTag("lada.error", message[:4000]), RunTag("lada.stopped", "storage")])
+        client.set_terminated(parent, status="FAILED")
+    except Exception:
+        pass
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    if rows:
+        print(f"sweep {s.name}: {len(rows)} trials ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) "
+              f"after {t_end - t_start:.1f}s", file=sys.stdout)
+    storage_flag = f" --storage {s.storage}" if s.storage != str(Path(DEFAULT_STORAGE).resolve()) else ""
+    print(f"lada-sweep: error: {message}: the sweep stopped; its {done} finished trial{'' if done == 1 else 's'} {'is' if done == 1 else 'are'} kept in {s.folder}; "
+          f"free space (or make the folder writable) and continue with: lada-sweep --resume --name {s.name}{storage_flag}",
+          file=sys.stderr, flush=True)
+    return EXIT_STORAGE
+
+
+def trial_rows(grid: Any, num_tasks: int, interrupted: bool = False) -> list[dict[str, Any]]:
+    """One row per trial of a ResultGrid: id, status, outcome, objective, params, times.
+    ``interrupted``: the sweep was stopped (storage failure), so an unfinished trial is "stopped"."""
+    from lada_core import metrics as M
+    from sweeps.objective import OBJECTIVE
+    from sweeps.storage import STORAGE_ERROR
+    from sweeps.trainable import DIVERGED, NODE_ID, TASK_SECONDS, TASKS_DONE
+
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        done = int(m.get(TASKS_DONE, 0) or 0)
+        if m.get(STORAGE_ERROR) or (interrupted and done < num_tasks and not m.get(DIVERGED)):
+            outcome = "stopped"
+        elif r.error is not None:
+            outcome = "failed"
+        elif m.get(DIVERGED):
+            outcome = "diverged"
+        elif done < num_tasks:
+            outcome = "pruned" if done > 0 else "not run"
+        else:
+            outcome = "completed"
+        rows.append({
+            "trial_id": m.get("trial_id") or (r.path.rsplit("/", 1)[-1] if r.path else "?"),
+            "outcome": outcome,
+            "objective": m.get(OBJECTIVE),
+            **{k: m.get(k) for k in M.METRICS},
+            "tasks_done": done,
+            "time_total_s": float(m.get("time_total_s", 0.0) or 0.0),
+            "task_seconds": float(m.get(TASK_SECONDS, 0.0) or 0.0),
+            "node_id": m.get(NODE_ID),
+            "config": dict(r.config or {}),
+        })
+    return rows
+
+
+def summarize(s: Settings, grid: Any, objective: Any, t_start: float, t_fit: float, t_end: float, concurrency: int) -> dict[str, Any]:
+    from sweeps import ray_compat
+
+    rows = trial_rows(grid, s.num_tasks or 0)
+    completed = [r for r in rows if r["outcome"] == "completed" and r["objective"] is not None and math.isfinite(r["objective"])]
+    sign = 1 if s.mode == "max" else -1
+    best = max(completed, key=lambda r: sign * r["objective"]) if completed else None
+    trial_time = sum(r["time_total_s"] for r in rows)
+    fit_wall = t_end - t_fit
+    ideal = trial_time / max(1, concurrency)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    return {
+        "name": s.name,
+        "space": s.space,
+        "objective": objective.name,
+        "mode": s.mode,
+        "trials": len(rows),
+        "completed": len(completed),
+        "outcomes": counts,
+        "best": best,
+        "rows": rows,
+        "wall_s": t_end - t_start,
+        "t_start": t_start,
+        "t_fit": t_fit,
+        "t_end": t_end,
+        "fit_wall_s": fit_wall,
+        "setup_s": t_fit - t_start,
+        "trial_time_sum_s": trial_time,
+        "concurrency": concurrency,
+        "overhead_share": max(0.0, 1.0 - ideal / fit_wall) if fit_wall > 0 else 0.0,
+        "overhead_share_total": max(0.0, 1.0 - ideal / (t_end - t_start)) if t_end > t_start else 0.0,
+        "folder": s.folder,
+        "study_storage": s.study_storage,
+        "mlflow_uri": s.mlflow_uri,
+        "parent_run_id": s.parent_run_id,
+        "guarantees": ray_compat.guarantees(),
+    }
+
+
+def finish_parent(s: Settings, client: Any, parent: str, summary: dict[str, Any], spec: Any) -> None:
+    """Best config YAML (next to the results and on the parent run), best value, importances."""
+    from lada_core.config import config_to_yaml
+
+    best = summary["best"]
+    yaml_text = config_to_yaml(spec.config(best["config"])) if best is not None else None
+    try:
+        write_text(join_path(s.folder, SUMMARY_FILE), json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+        if yaml_text is not None:
+            write_text(join_path(s.folder, BEST_CONFIG), yaml_text)
+    except OSError as exc:
+        from sweeps.storage import describe
+
+        print(f"lada-sweep: warning: summary not written ({describe(exc, s.folder) or exc})", file=sys.stderr)
+    fig = None
+    try:
+        from sweeps.importance import importance_figure
+        from sweeps.optuna_storage import load_study
+
+        fig = importance_figure(load_study(s.study_storage, s.name))
+    except Exception as exc:  # too few finished trials, constant parameters
+        logging.getLogger(__name__).info("no importances: %s", exc)
+    try:
+        write_parent_end(client, parent, summary, yaml_text, fig)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        print(f"lada-sweep: warning: MLflow parent run not updated ({first}); once MLflow is reachable: "
+              f"python -m sweeps.report --name {s.name} --storage {s.storage} --sync-mlflow", file=sys.stderr)
+
+
+def write_parent_end(client: Any, parent: str, summary: dict[str, Any], yaml_text: str | None, importance_fig: Any = None) -> None:
+    """Close the sweep's parent run: counts, wall time, overhead, best value and config, importances."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    best = summary.get("best")
+    metrics = [
+        Metric("trials_completed", float(summary["completed"]), now, 0),
+        Metric("sweep_wall_s", float(summary["wall_s"]), now, 0),
+        Metric("overhead_share", float(summary["overhead_share"]), now, 0),
+    ]
+    tags = [RunTag("lada.outcomes", json.dumps(summary["outcomes"]))]
+    if best is not None:
+        name = summary["objective"] if "," not in summary["objective"] else "objective"
+        metrics.append(Metric(f"best_{name}", float(best["objective"]), now, 0))
+        tags.append(RunTag("lada.best_trial_id", str(best["trial_id"])))
+        if yaml_text is not None:
+            client.log_text(parent, yaml_text, BEST_CONFIG)
+    client.log_batch(parent, metrics=metrics, tags=tags)
+    client.log_dict(parent, {k: v for k, v in summary.items() if k != "rows"}, SUMMARY_FILE)
+    if importance_fig is not None:
+        client.log_figure(parent, importance_fig, "param_importances.png")
+    client.set_terminated(parent, status="FINISHED")
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    best = summary["best"]
+    out = sys.stdout
+    print(f"sweep {summary['name']}: {summary['trials']} trials ({', '.join(f'{v} {k}' for k, v in sorted(summary['outcomes'].items()))})", file=out)
+    if best is not None:
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(best["config"].items()))
+        print(f"best {summary['objective']} = {best['objective']:.3f} (trial {best['trial_id']}: {params or 'paper defaults'})", file=out)
+        print(f"best config: {join_path(summary['folder'], BEST_CONFIG)}  (lada-train --config {join_path(summary['folder'], BEST_CONFIG)})", file=out)
+    print(
+        f"wall time {summary['wall_s']:.1f}s (setup {summary['setup_s']:.1f}s + trials {summary['fit_wall_s']:.1f}s); "
+        f"sum of trial times {summary['trial_time_sum_s']:.1f}s over concurrency {summary['concurrency']}: "
+        f"Ray+MLflow overhead {100 * summary['overhead_share']:.1f}% of the trial phase, "
+        f"{100 * summary['overhead_share_total']:.1f}% of the whole command",
+        file=out,
+    )
+    if "mlflow_callback_s" in summary:
+        print(
+            f"of the trial phase, the MLflow callback took {summary['mlflow_callback_s']:.1f}s in the driver "
+            f"({summary['mlflow_calls']} MLflow calls, batched); the rest of the overhead is Ray "
+            f"(actor start, scheduling, checkpoint persistence, experiment snapshots)",
+            file=out,
+        )
+    inactive = {k: v for k, v in (summary.get("guarantees") or {}).items() if v != "active"}
+    for name, why in sorted(inactive.items()):
+        print(f"guarantee {name} was {why} (see sweeps/ray_compat.py)", file=out)
+    print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}  (parent run {summary['parent_run_id']})", file=out)
+    pending, deferred = summary.get("mlflow_unsent") or (0, 0)
+    if pending or deferred:
+        print(f"MLflow was unreachable: {pending} metric points and {deferred} trial ends are not in it yet (Ray's results hold them); "
+              f"once it is back: python -m sweeps.report --name {summary['name']} --storage {Path(summary['folder']).parent} --sync-mlflow", file=out)
