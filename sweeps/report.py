@@ -27,27 +27,10 @@ from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR, load_study
 
 
 def tune_results(folder: str | Path) -> dict[str, dict[str, Any]]:
-    """The last reported result of every trial folder of a (local) sweep, by trial id."""
-    out: dict[str, dict[str, Any]] = {}
-    root = Path(folder)
-    if not root.is_dir():
-        return out
-    for f in root.glob("*/result.json"):
-        last = None
-        try:
-            with f.open() as fh:
-                for line in fh:
-                    if line.strip():
-                        last = line
-            if last is None:
-                continue
-            res = json.loads(last)
-        except (OSError, json.JSONDecodeError):
-            continue
-        tid = res.get("trial_id")
-        if tid:
-            out[tid] = res
-    return out
+    """The last reported result of every trial of a (local) sweep, by trial id."""
+    from sweeps.results import read_results
+
+    return {tid: rec.last for tid, rec in read_results(folder).items() if rec.rows}
 
 
 def top_trials(study: Any, results: dict[str, dict[str, Any]], top: int) -> list[dict[str, Any]]:

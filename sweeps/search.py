@@ -24,7 +24,7 @@ from lada_core import metrics as M
 from sweeps import ray_compat
 from sweeps.objective import OBJECTIVE
 from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR, storage_path
-from sweeps.trainable import DIVERGED, ERROR, NUM_TASKS, TASKS_DONE
+from sweeps.results import ERROR, classify, optuna_state
 
 logger = logging.getLogger(__name__)
 
@@ -106,18 +106,9 @@ class LadaOptunaSearch(OptunaSearch):
 
     @staticmethod
     def outcome(result: Mapping[str, Any] | None, metric: str, error: bool) -> tuple[TrialState, float | None]:
-        """How a finished Tune trial is told to Optuna."""
-        if error or not result:
-            return (TrialState.FAIL if error else TrialState.PRUNED), None
-        if result.get(DIVERGED):
-            return TrialState.FAIL, None
-        value = result.get(metric)
-        done, total = result.get(TASKS_DONE), result.get(NUM_TASKS)
-        if done is not None and total is not None and int(done) < int(total):
-            return TrialState.PRUNED, None
-        if value is None or not math.isfinite(float(value)):
-            return TrialState.FAIL, None
-        return TrialState.COMPLETE, float(value)
+        """How a finished Tune trial is told to Optuna (:func:`sweeps.results.classify`)."""
+        state = TrialState[optuna_state(classify(result, error, metric))]
+        return state, float(result[metric]) if state == TrialState.COMPLETE and result else None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in ray_compat.search_completed(self):

@@ -39,8 +39,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
-STORAGE_ERROR = "storage_error"
-"""Result key of a trial that could not write to storage (its value: a one-line message)."""
+from sweeps.results import STORAGE_ERROR
+
 EXIT_STORAGE = 3
 """Exit code of ``lada-sweep`` stopped by a storage error."""
 

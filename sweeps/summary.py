@@ -55,23 +55,16 @@ def trial_rows(grid: Any, num_tasks: int, interrupted: bool = False) -> list[dic
     ``interrupted``: the sweep was stopped (storage failure), so an unfinished trial is "stopped"."""
     from lada_core import metrics as M
     from sweeps.objective import OBJECTIVE
-    from sweeps.storage import STORAGE_ERROR
-    from sweeps.trainable import DIVERGED, NODE_ID, TASK_SECONDS, TASKS_DONE
+    from sweeps.results import DIVERGED, NODE_ID, STOPPED, STORAGE_ERROR, TASK_SECONDS, TASKS_DONE, classify
 
     rows = []
     for r in grid:
         m = r.metrics or {}
         done = int(m.get(TASKS_DONE, 0) or 0)
         if m.get(STORAGE_ERROR) or (interrupted and done < num_tasks and not m.get(DIVERGED)):
-            outcome = "stopped"
-        elif r.error is not None:
-            outcome = "failed"
-        elif m.get(DIVERGED):
-            outcome = "diverged"
-        elif done < num_tasks:
-            outcome = "pruned" if done > 0 else "not run"
+            outcome = STOPPED
         else:
-            outcome = "completed"
+            outcome = classify(m, error=r.error is not None, num_tasks=num_tasks)
         rows.append({
             "trial_id": m.get("trial_id") or (r.path.rsplit("/", 1)[-1] if r.path else "?"),
             "outcome": outcome,

@@ -39,9 +39,8 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from lada_core import metrics as M
-from sweeps import ray_compat
 from sweeps.objective import OBJECTIVE
-from sweeps.trainable import DIVERGED, ERROR, NUM_TASKS, TASK_SECONDS, TASKS_DONE
+from sweeps.results import DIVERGED_OUTCOME, ERROR, FAILED, TASK_SECONDS, TASKS_DONE, classify, mlflow_status
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.tracking import MlflowClient
@@ -428,25 +427,13 @@ class MlflowTracker(Callback):
     def _backfill(self, trial: Trial, run_id: str) -> None:
         """Queue the steps Tune recorded (the trial's ``result.json``) that MLflow lacks: results a
         killed driver had received but not sent yet."""
-        import json
+        from sweeps.results import RESULT_FILE, trial_steps
 
         for base in (getattr(trial, "local_path", None), getattr(trial, "path", None)):
-            if not base or "://" in str(base):
+            if not base or "://" in str(base) or not (Path(base) / RESULT_FILE).is_file():
                 continue
-            f = Path(base) / "result.json"
-            if not f.is_file():
-                continue
-            try:
-                lines = f.read_text().splitlines()
-            except OSError:
-                continue
-            for line in lines:
-                try:
-                    res = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(res, dict) and M.TASK_INDEX in res:
-                    self._queue(trial.trial_id, run_id, res)
+            for res in trial_steps(base):
+                self._queue(trial.trial_id, run_id, res)
             return
 
     @_timed
@@ -501,12 +488,13 @@ class MlflowTracker(Callback):
 
     def _end(self, trial: Trial) -> None:
         result = trial.last_result or {}
-        if result.get(DIVERGED):
-            self.finish(trial, "FAILED", "diverged", str(result.get(ERROR, "training diverged")))
-            return
-        done, total = result.get(TASKS_DONE), result.get(NUM_TASKS)
-        pruned = done is not None and total is not None and int(done) < int(total)
-        self.finish(trial, "FINISHED", "pruned" if pruned else "completed")
+        outcome = classify(result)
+        message = ""
+        if outcome == DIVERGED_OUTCOME:
+            message = str(result.get(ERROR, "training diverged"))
+        elif outcome == FAILED:
+            message = str(result.get(ERROR, "the last task gave no finite objective"))
+        self.finish(trial, mlflow_status(outcome), outcome, message)
 
     @_timed
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -519,7 +507,7 @@ class MlflowTracker(Callback):
             message = str(err).strip().splitlines()[-1] if err else ""
         except Exception:
             pass
-        self.finish(trial, "FAILED", "failed", message or "the trial raised an error")
+        self.finish(trial, mlflow_status(FAILED), FAILED, message or "the trial raised an error")
 
     @_timed
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
@@ -733,65 +721,13 @@ def close_orphans(client: MlflowClient, experiment_id: str, parent_run_id: str, 
 # -- catching up with Ray's results (``python -m sweeps.report --sync-mlflow``) ---------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    import json
-
-    out: list[dict[str, Any]] = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            out.append(row)
-    return out
-
-
-def stored_trials(folder: str | Path) -> dict[str, dict[str, Any]]:
-    """What Ray holds of every trial of a (local or shared-folder) sweep, by trial id: its folder,
-    result rows, config, newest checkpoint folder and last error line."""
-    import json
-
-    out: dict[str, dict[str, Any]] = {}
-    for d in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
-        if not d.is_dir() or not (d / "params.json").is_file() and not (d / "result.json").is_file():
-            continue
-        rows = _read_jsonl(d / "result.json")
-        tid = rows[0].get("trial_id") if rows else None
-        if not tid:
-            tid = ray_compat.trial_id_of_dir(d.name)
-            if not tid:
-                continue
-        try:
-            config = json.loads((d / "params.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            config = rows[-1].get("config", {}) if rows else {}
-        ckpts = sorted((p for p in d.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
-        error = None
-        if (d / "error.txt").is_file():
-            try:
-                lines = [x for x in (d / "error.txt").read_text().splitlines() if x.strip()]
-                error = lines[-1][:4000] if lines else None
-            except OSError:
-                pass
-        out[tid] = {"dir": d, "rows": rows, "config": config, "checkpoint": ckpts[-1] if ckpts else None, "error": error}
-    return out
-
-
 def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
-    """Write to MLflow what it lacks of a sweep, from Ray's results (the source of truth): child runs
-    of trials that have none, task steps not logged yet (by ``task_index`` history: never twice),
-    the end of finished trials whose run was not closed, and the parent run's end once the sweep has
-    a ``summary.json``. A second call writes nothing. Returns counts of what was written."""
-    import json
-
-    from mlflow.entities import Metric, Param
-
-    from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR
+    """Write to MLflow what it lacks of a sweep, from Ray's results (the source of truth, read by
+    :func:`sweeps.results.read_results`: each task step once): child runs of trials that have none,
+    task steps not logged yet (by ``task_index`` history: never twice), the end of finished trials
+    whose run was not closed, and the parent run's end once the sweep has a ``summary.json``. A
+    second call writes nothing. Returns counts of what was written."""
+    from sweeps.results import read_results
 
     log = log or (lambda m: None)
     counts = {"runs_created": 0, "metrics_logged": 0, "runs_closed": 0, "parent_closed": 0, "duplicate_runs": 0}
@@ -799,8 +735,26 @@ def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
         raise ValueError(f"sweep {settings.name} has no parent run (it stopped before MLflow was reached)")
     client = open_client(settings.mlflow_uri)
     parent = client.get_run(settings.parent_run_id)
-    exp_id = parent.info.experiment_id
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{settings.parent_run_id}'", max_results=5000)
+    by_trial = _runs_by_trial(client, parent.info.experiment_id, settings.parent_run_id, counts)
+    folder = Path(settings.folder)
+    summary = _read_summary(folder)
+    outcomes = _known_outcomes(settings, summary, log)
+    spec = None
+    try:
+        spec = settings.trial_spec()
+    except Exception as exc:
+        log(f"no config for config.yaml: {exc}")
+    for tid, rec in read_results(folder).items():
+        _sync_trial(client, settings, parent.info.experiment_id, rec, by_trial.get(tid), outcomes(tid, rec), spec, counts)
+    if summary is not None and (parent.info.status == "RUNNING" or "trials_completed" not in parent.data.metrics):
+        _close_parent(client, settings, folder, summary)
+        counts["parent_closed"] = 1
+    return counts
+
+
+def _runs_by_trial(client: MlflowClient, exp_id: str, parent_run_id: str, counts: dict[str, int]) -> dict[str, Any]:
+    """The child runs of the sweep by trial id (the oldest one; more than one is counted)."""
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=5000)
     by_trial: dict[str, Any] = {}
     for r in sorted(runs, key=lambda r: r.info.start_time or 0):
         tid = r.data.tags.get(TRIAL_ID_TAG)
@@ -808,109 +762,113 @@ def sync_sweep(settings: Any, log: Any = None) -> dict[str, int]:
             counts["duplicate_runs"] += 1
         elif tid:
             by_trial[tid] = r
+    return by_trial
 
-    folder = Path(settings.folder)
-    summary_rows: dict[str, str] = {}
-    summary: dict[str, Any] | None = None
-    if (folder / "summary.json").is_file():
-        summary = json.loads((folder / "summary.json").read_text())
-        summary_rows = {str(r["trial_id"]): r["outcome"] for r in summary.get("rows", [])}
+
+def _read_summary(folder: Path) -> dict[str, Any] | None:
+    import json
+
+    from sweeps.settings import SUMMARY_FILE
+
+    f = folder / SUMMARY_FILE
+    return json.loads(f.read_text()) if f.is_file() else None  # type: ignore[no-any-return]
+
+
+def _known_outcomes(settings: Any, summary: dict[str, Any] | None, log: Any) -> Any:
+    """``outcome(trial id, record)``: how a trial ended, from the summary, else the Optuna study
+    (None while it has not ended; a trial that never finished a task has an outcome only if it
+    failed)."""
+    from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR, load_study
+    from sweeps.results import FAILED, NOT_RUN, from_optuna_state
+
+    summary_rows = {str(r["trial_id"]): r["outcome"] for r in (summary or {}).get("rows", [])}
     study_states: dict[str, str] = {}
     try:
-        from sweeps.optuna_storage import load_study
-
         for t in load_study(settings.study_storage, settings.name).get_trials(deepcopy=False):
-            tid = t.user_attrs.get(RAY_TRIAL_ID_ATTR)
-            if tid:
-                study_states[tid] = t.state.name
+            if t.user_attrs.get(RAY_TRIAL_ID_ATTR):
+                study_states[t.user_attrs[RAY_TRIAL_ID_ATTR]] = t.state.name
     except Exception as exc:  # no study (yet): outcomes from summary.json only
         log(f"no Optuna study: {exc}")
-    spec = None
-    try:
-        spec = settings.trial_spec()
-    except Exception as exc:
-        log(f"no config for config.yaml: {exc}")
 
-    for tid, info in stored_trials(folder).items():
-        rows = [r for r in info["rows"] if M.TASK_INDEX in r]
-        last = info["rows"][-1] if info["rows"] else {}
-        outcome = summary_rows.get(tid)
-        if outcome is None:
-            state = study_states.get(tid)
-            if state == "COMPLETE":
-                outcome = "completed"
-            elif state == "PRUNED":
-                outcome = "pruned"
-            elif state == "FAIL":
-                outcome = "diverged" if last.get(DIVERGED) else "failed"
-        if outcome == "not run":
-            outcome = "failed" if info["error"] else None
-        if not rows and outcome is None:
-            continue  # nothing Ray holds that MLflow could lack
-        run = by_trial.get(tid)
-        if run is None:
-            name = info["dir"].name.split("_lada")[0] if "_lada" in info["dir"].name else info["dir"].name[:60]
-            created = client.create_run(exp_id, run_name=name[:250], tags={
-                PARENT_TAG: settings.parent_run_id, TRIAL_ID_TAG: tid, SWEEP_TAG: settings.name, "lada.space": settings.space,
-                "lada.synced_from": "ray-results",
-            })
-            run_id = created.info.run_id
-            params = [Param(str(k), _param_value(v)) for k, v in sorted((info["config"] or {}).items())]
-            for i in range(0, len(params), 100):
-                client.log_batch(run_id, params=params[i : i + 100])
-            counts["runs_created"] += 1
-            logged_steps: set[int] = set()
-            status, tags = "RUNNING", {}
-        else:
-            run_id = run.info.run_id
-            logged_steps = {int(m.step) for m in client.get_metric_history(run_id, M.TASK_INDEX)}
-            status, tags = run.info.status, run.data.tags
-        metrics = []
-        seen: set[int] = set()
-        for r in rows:
-            step = int(r[M.TASK_INDEX])
-            if step in logged_steps or step in seen:
-                continue
-            seen.add(step)
+    def outcome(tid: str, rec: Any) -> str | None:
+        found = summary_rows.get(tid) or from_optuna_state(study_states.get(tid), rec.last)
+        if found == NOT_RUN:
+            return FAILED if rec.error else None
+        return found
+
+    return outcome
+
+
+def _sync_trial(client: MlflowClient, settings: Any, exp_id: str, rec: Any, run: Any, outcome: str | None, spec: Any,
+                counts: dict[str, int]) -> None:
+    """One trial: its run (created if missing), the steps it lacks, its end once it has ended."""
+    from mlflow.entities import Metric, Param
+
+    if not rec.steps and outcome is None:
+        return  # nothing Ray holds that MLflow could lack
+    if run is None:
+        name = rec.dir.name.split("_lada")[0] if "_lada" in rec.dir.name else rec.dir.name[:60]
+        run_id = client.create_run(exp_id, run_name=name[:250], tags={
+            PARENT_TAG: settings.parent_run_id, TRIAL_ID_TAG: rec.trial_id, SWEEP_TAG: settings.name,
+            "lada.space": settings.space, "lada.synced_from": "ray-results",
+        }).info.run_id
+        params = [Param(str(k), _param_value(v)) for k, v in sorted((rec.config or {}).items())]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i : i + 100])
+        counts["runs_created"] += 1
+        logged_steps: set[int] = set()
+        status, tags = "RUNNING", {}
+    else:
+        run_id = run.info.run_id
+        logged_steps = {int(m.step) for m in client.get_metric_history(run_id, M.TASK_INDEX)}
+        status, tags = run.info.status, run.data.tags
+    metrics = []
+    for r in rec.steps:
+        step = int(r[M.TASK_INDEX])
+        if step not in logged_steps:
             ts = int(1000 * float(r.get("timestamp", time.time())))
             metrics += [Metric(k, v, ts, step) for k, v in step_metrics(r).items()]
             metrics.append(Metric(M.TASK_INDEX, float(step), ts, step))
-        for i in range(0, len(metrics), MAX_BATCH):
-            client.log_batch(run_id, metrics=metrics[i : i + MAX_BATCH])
-        counts["metrics_logged"] += len(metrics)
-        if outcome is not None and (status == "RUNNING" or OUTCOME_TAG not in tags):
-            matrix: dict[int, list[float]] = {}
-            names: list[str] = []
-            for r in rows:
-                accs = [k for k in r if k.startswith(ACC_PREFIX)]
-                names = names or [k[len(ACC_PREFIX):] for k in accs]
-                matrix[int(r[M.TASK_INDEX])] = [float(r[k]) for k in accs]
-            config_yaml = None
-            if spec is not None:
-                try:
-                    from lada_core.config import config_to_yaml
+    for i in range(0, len(metrics), MAX_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + MAX_BATCH])
+    counts["metrics_logged"] += len(metrics)
+    if outcome is not None and (status == "RUNNING" or OUTCOME_TAG not in tags):
+        _close_trial_run(client, run_id, rec, outcome, spec)
+        counts["runs_closed"] += 1
 
-                    config_yaml = config_to_yaml(spec.config(info["config"] or {}))
-                except Exception:
-                    config_yaml = None
-            message = str(last.get(ERROR) or info["error"] or "") if outcome in ("diverged", "failed") else ""
-            write_trial_end(client, run_id, "FAILED" if outcome in ("diverged", "failed") else "FINISHED",
-                            outcome_tags(outcome, last.get(TASKS_DONE), message), matrix, names, config_yaml, info["checkpoint"])
-            counts["runs_closed"] += 1
 
-    if summary is not None and (parent.info.status == "RUNNING" or "trials_completed" not in parent.data.metrics):
-        from sweeps.settings import BEST_CONFIG
-        from sweeps.summary import write_parent_end
-
-        best_yaml = (folder / BEST_CONFIG).read_text() if (folder / BEST_CONFIG).is_file() else None
-        fig = None
+def _close_trial_run(client: MlflowClient, run_id: str, rec: Any, outcome: str, spec: Any) -> None:
+    matrix: dict[int, list[float]] = {}
+    names: list[str] = []
+    for r in rec.steps:
+        accs = [k for k in r if k.startswith(ACC_PREFIX)]
+        names = names or [k[len(ACC_PREFIX):] for k in accs]
+        matrix[int(r[M.TASK_INDEX])] = [float(r[k]) for k in accs]
+    config_yaml = None
+    if spec is not None:
         try:
-            from sweeps.importance import importance_figure
-            from sweeps.optuna_storage import load_study
+            from lada_core.config import config_to_yaml
 
-            fig = importance_figure(load_study(settings.study_storage, settings.name))
+            config_yaml = config_to_yaml(spec.config(rec.config or {}))
         except Exception:
-            fig = None
-        write_parent_end(client, settings.parent_run_id, summary, best_yaml, fig)
-        counts["parent_closed"] = 1
-    return counts
+            config_yaml = None
+    status = mlflow_status(outcome)
+    message = str(rec.last.get(ERROR) or rec.error or "") if status == "FAILED" else ""
+    write_trial_end(client, run_id, status, outcome_tags(outcome, rec.last.get(TASKS_DONE), message), matrix, names,
+                    config_yaml, rec.checkpoint)
+
+
+def _close_parent(client: MlflowClient, settings: Any, folder: Path, summary: dict[str, Any]) -> None:
+    from sweeps.settings import BEST_CONFIG
+    from sweeps.summary import write_parent_end
+
+    best_yaml = (folder / BEST_CONFIG).read_text() if (folder / BEST_CONFIG).is_file() else None
+    fig = None
+    try:
+        from sweeps.importance import importance_figure
+        from sweeps.optuna_storage import load_study
+
+        fig = importance_figure(load_study(settings.study_storage, settings.name))
+    except Exception:
+        fig = None
+    write_parent_end(client, settings.parent_run_id, summary, best_yaml, fig)

@@ -24,17 +24,18 @@ from typing import Any
 
 from lada_core import metrics as M
 from sweeps.objective import OBJECTIVE, Objective
+from sweeps.results import (  # noqa: F401 - the result schema, also read from here
+    DIVERGED,
+    ERROR,
+    NODE_ID,
+    NUM_TASKS,
+    REPLAYED,
+    STORAGE_ERROR,
+    TASK_SECONDS,
+    TASKS_DONE,
+    WORLD_SIZE,
+)
 
-TASKS_DONE = "tasks_done"
-NUM_TASKS = "num_tasks"
-TASK_SECONDS = "task_seconds"
-DIVERGED = "diverged"
-NODE_ID = "node_id"
-WORLD_SIZE = "world_size"
-ERROR = "error_message"
-REPLAYED = "replayed"
-"""1 on a step a restarted driver's trial reports again from a stored checkpoint, without training
-(the killed driver had it done but Tune's saved state did not): its ``task_seconds`` is 0."""
 STORAGE_WAIT_S = 120.0
 """How long a trial that could not write to storage waits for the driver to stop the sweep."""
 TIMINGS_ENV = "LADA_TRIAL_TIMINGS"
@@ -329,7 +330,7 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         tune.report(result)
         return
     except Exception as exc:
-        from sweeps.storage import STORAGE_ERROR, StorageError, describe
+        from sweeps.storage import StorageError, describe
 
         found = describe(exc, spec.results_dir or ctx.get_trial_dir())
         if found is None:
