@@ -96,13 +96,12 @@ def _exit_codes() -> tuple[tuple[tuple[type[BaseException], ...], int], ...]:
     from lada_core.config import ConfigError
     from search_spaces import UnknownSpaceError
     from sweeps.objective import MetricError
-    from sweeps.ray_compat import RayCompatError
     from sweeps.resources import ResourceError
     from sweeps.settings import UsageError
     from sweeps.storage import EXIT_STORAGE, StorageError
 
     return (
-        ((UsageError, UnknownSpaceError, MetricError, ConfigError, ResourceError, DataError, BackboneError, RayCompatError), 2),
+        ((UsageError, UnknownSpaceError, MetricError, ConfigError, ResourceError, DataError, BackboneError), 2),
         ((StorageError,), EXIT_STORAGE),
     )
 

@@ -6,7 +6,6 @@ and notebooks open a sweep's study without it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import optuna
 
@@ -59,12 +58,14 @@ def _rdb_storage(url: str, attempts: int = 6) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url)  # the last attempt raises whatever it meets
 
 
-def storage_path(storage: Any) -> str | None:
-    """The file behind an Optuna storage (a sqlite database, a journal file), for error messages;
-    None for a database server."""
-    from sweeps.ray_compat import optuna_storage_file
-
-    return optuna_storage_file(storage)
+def storage_file(url: str) -> str | None:
+    """The file behind an Optuna storage URL (a sqlite database, a journal file), for error
+    messages; None for a database server."""
+    if url.startswith("sqlite:///"):
+        return url[len("sqlite:///"):]
+    if "://" not in url:
+        return str(Path(url).resolve())
+    return None
 
 
 def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:

@@ -154,15 +154,15 @@ def _assemble(plan: SweepPlan, started: _Started) -> _Parts:
     from ray import tune
 
     from sweeps.objective import OBJECTIVE
-    from sweeps.optuna_storage import make_sampler, open_storage
-    from sweeps.search import LadaOptunaSearch
+    from sweeps.optuna_storage import make_sampler
+    from sweeps.search import LadaSearcher
     from sweeps.storage import ResultLedger, StorageGuard
     from sweeps.tracking import MlflowTracker
     from sweeps.trainable import lada_trainable
 
     s, opts = started.settings, plan.options
-    searcher = LadaOptunaSearch(plan.space.fn, metric=OBJECTIVE, mode=s.mode, points_to_evaluate=list(plan.points),
-                                sampler=make_sampler(s.seed), study_name=s.name, storage=open_storage(s.study_storage))
+    searcher = LadaSearcher(plan.space.fn, metric=OBJECTIVE, mode=s.mode, points_to_evaluate=list(plan.points),
+                                sampler=make_sampler(s.seed), study_name=s.name, storage=s.study_storage)
     scheduler = _scheduler(s)
     tracker = MlflowTracker(s.mlflow_uri, started.exp_id, started.parent, sweep_name=s.name, spec=started.spec,
                             extra_tags={"lada.space": s.space})

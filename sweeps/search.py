@@ -1,29 +1,33 @@
-"""Optuna under Ray Tune: a persisted study, the paper defaults first, early-stopped trials as PRUNED.
+"""Optuna under Ray Tune: a Tune ``Searcher`` over Optuna's public ask-and-tell interface.
 
-Ray's ``OptunaSearch`` tells Optuna every trial that ends with a result as COMPLETE, including a trial
-that ASHA stopped after a few tasks: its partial value then misleads TPE. :class:`LadaOptunaSearch`
-tells such a trial PRUNED (its per-task values stay as intermediate values, which TPE reads for
-pruned trials), a diverged or errored trial FAIL, and only a trial that reached its last task
-COMPLETE. The study lives in an Optuna storage next to the sweep's results, so ``--resume``
-continues it and another process (``sweeps/report.py``) can read it while the sweep runs.
+:class:`LadaSearcher` asks the study for a trial per Tune trial (``Study.ask``; the space is a
+define-by-run function), reports each task's objective (``Trial.report``, so TPE sees the per-task
+values of pruned trials) and tells each trial's end by the one outcome rule
+(:func:`sweeps.results.classify`): a trial ASHA stopped early is PRUNED (Ray's ``OptunaSearch`` told
+it COMPLETE with its partial value, which misleads TPE), a diverged or errored one FAIL, only a trial
+that reached its last task COMPLETE. Points to evaluate are enqueued once (``enqueue_trial``
+``skip_if_exists``). The study lives in an Optuna storage next to the sweep's results, so
+``--resume`` continues it with its history, and another process (``sweeps/report.py``) can read it
+while the sweep runs.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
 from lada_core import metrics as M
 from sweeps import ray_compat
 from sweeps.objective import OBJECTIVE
-from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR, storage_path
+from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR, open_storage, storage_file
 from sweeps.results import ERROR, classify, optuna_state
 
 logger = logging.getLogger(__name__)
@@ -44,11 +48,11 @@ def saved_tune_trials(folder: str | Path) -> set[str] | None:
     return ray_compat.saved_tune_trials(folder)
 
 
-class LadaOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` that tells early-stopped trials PRUNED and enqueues points idempotently.
+class LadaSearcher(Searcher):
+    """A Tune searcher over an Optuna study (see the module docstring).
 
-    It reads ``OptunaSearch``'s private state through :mod:`sweeps.ray_compat` (``optuna_search_state``,
-    required: outside its tested Ray and Optuna versions the searcher refuses to start)."""
+    ``storage``: an Optuna storage URL (or journal file path), or a storage object; the study
+    ``study_name`` in it is continued when it exists."""
 
     def __init__(
         self,
@@ -58,49 +62,50 @@ class LadaOptunaSearch(OptunaSearch):
         points_to_evaluate: Sequence[Mapping[str, Any]] = (),
         sampler: optuna.samplers.BaseSampler | None = None,
         study_name: str | None = None,
-        storage: optuna.storages.BaseStorage | None = None,
+        storage: str | optuna.storages.BaseStorage | None = None,
     ) -> None:
-        ray_compat.require("optuna_search_state")
-        super().__init__(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study_name, storage=storage)
-        # OptunaSearch's own points_to_evaluate would enqueue them again on every construction;
-        # skip_if_exists keeps a rerun on the same study from evaluating the defaults twice.
-        for point in points_to_evaluate:
-            ray_compat.search_study(self).enqueue_trial(dict(point), skip_if_exists=True)
-
-    @property
-    def study(self) -> optuna.Study:
-        return ray_compat.search_study(self)
+        super().__init__(metric=metric, mode=mode)
+        self.space = space
+        self.storage_file = storage_file(storage) if isinstance(storage, str) else None
+        opened = open_storage(storage) if isinstance(storage, str) else storage
+        self.study = optuna.create_study(study_name=study_name, storage=opened, sampler=sampler, load_if_exists=True,
+                                         direction="maximize" if mode == "max" else "minimize")
+        for point in points_to_evaluate:  # a rerun on the same study does not evaluate them twice
+            self.study.enqueue_trial(dict(point), skip_if_exists=True)
+        self._trials: dict[str, optuna.trial.Trial | int] = {}  # Tune trial id -> its Optuna trial (or number)
+        self._ended: set[str] = set()
 
     def suggest(self, trial_id: str) -> dict | None:
         try:
-            params = super().suggest(trial_id)
-            ot_trial = ray_compat.search_trials(self).get(trial_id)
-            if ot_trial is not None:
-                ot_trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
+            trial = self._trials.get(trial_id)
+            if not isinstance(trial, optuna.trial.Trial):
+                trial = self.study.ask()
+                self._trials[trial_id] = trial
+                trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
+            returned = self.space(trial)
         except Exception as exc:
             # The study's storage (next to the results) on a full or read-only disk. Returning None
             # would leave Tune waiting for a suggestion (it blocks when no trial runs): end the run
             # instead; lada-sweep reports it in one line, trials stay resumable.
             from sweeps.storage import StorageError, describe, report_failure
 
-            where = storage_path(ray_compat.study_storage(self.study))
-            found = describe(exc, where)
+            found = describe(exc, self.storage_file)
             if found is None:
                 raise
-            report_failure(exc, where)
+            report_failure(exc, self.storage_file)
             raise StorageError(f"{found} (the Optuna study)") from exc
-        return params
+        return {**trial.params, **(returned or {})}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        ot_trial = ray_compat.search_trials(self).get(trial_id)
-        if ot_trial is None or trial_id in ray_compat.search_completed(self):
+        trial = self._trials.get(trial_id)
+        if not isinstance(trial, optuna.trial.Trial) or trial_id in self._ended:
             return
         value = result.get(self.metric)
         step = result.get(M.TASK_INDEX, result.get("training_iteration"))
         if value is None or step is None or not math.isfinite(float(value)):
             return
         try:
-            ot_trial.report(float(value), int(step))
+            trial.report(float(value), int(step))
         except Exception as exc:  # a finished trial (after a restore) or a repeated step
             logger.debug("optuna report skipped: %s", exc)
 
@@ -111,30 +116,36 @@ class LadaOptunaSearch(OptunaSearch):
         return state, float(result[metric]) if state == TrialState.COMPLETE and result else None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in ray_compat.search_completed(self):
+        trial = self._trials.get(trial_id)
+        if trial is None or trial_id in self._ended:
             return
-        ot_trial = ray_compat.search_trials(self).get(trial_id)
-        if ot_trial is None:
-            return
-        ray_compat.search_completed(self).add(trial_id)
-        frozen = ray_compat.frozen_trial(self.study, ot_trial)
-        if frozen.state.is_finished():
-            return  # told before a driver restart whose state predates it
+        self._ended.add(trial_id)
         state, value = self.outcome(result, self.metric, error)
-        if result and result.get(ERROR):
-            ot_trial.set_user_attr("error", str(result[ERROR])[:500])
+        if result and result.get(ERROR) and isinstance(trial, optuna.trial.Trial):
+            trial.set_user_attr("error", str(result[ERROR])[:500])
         try:
-            self.study.tell(ot_trial, value if state == TrialState.COMPLETE else None, state=state)
+            # skip_if_finished: told before a driver restart whose saved state predates it
+            self.study.tell(trial, value, state=state, skip_if_finished=True)
         except Exception as exc:
             logger.warning("could not tell Optuna the end of trial %s: %s", trial_id, exc)
 
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"trials": self._trials, "ended": self._ended}, f)
+
     def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self._trials, self._ended = dict(state["trials"]), set(state["ended"])
         self.fail_orphans(_saved_tune_trials)
+
+    def _number(self, trial: optuna.trial.Trial | int) -> int:
+        return trial if isinstance(trial, int) else trial.number
 
     def fail_orphans(self, tune_trials: Iterable[str] | None = None) -> list[int]:
         """Mark FAIL the study's RUNNING trials that no Tune trial owns (asked by a driver that was
-        killed before it saved its state): they would otherwise stay RUNNING forever.
+        killed before it saved its state): they would otherwise stay RUNNING forever. An enqueued
+        point among them (the paper defaults) is enqueued again.
 
         ``tune_trials``, the trial ids of the experiment state Tune restores, reconciles the two
         saved states first (a driver killed while uploading a snapshot can leave an experiment state
@@ -143,26 +154,29 @@ class LadaOptunaSearch(OptunaSearch):
         searcher holds but Tune does not know is dropped, then failed here."""
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if tune_trials is not None:
-            tune_trials = set(tune_trials)
-            for t in running:
-                rid = t.user_attrs.get(RAY_TRIAL_ID_ATTR)
-                if rid in tune_trials and rid not in ray_compat.search_trials(self):
-                    ray_compat.search_trials(self)[rid] = ray_compat.optuna_trial(self.study, t)
-                    logger.info("Optuna trial %d adopted by its Tune trial %s", t.number, rid)
-            numbers = {t.number for t in running}
-            for rid, ot_trial in list(ray_compat.search_trials(self).items()):
-                if rid not in tune_trials and ot_trial.number in numbers:
-                    del ray_compat.search_trials(self)[rid]
-        owned = {t.number for t in ray_compat.search_trials(self).values()}
+            self._reconcile(running, set(tune_trials))
+        owned = {self._number(t) for t in self._trials.values()}
         failed = []
         for t in running:
-            if t.number not in owned:
-                try:
-                    self.study.tell(t.number, state=TrialState.FAIL)
-                    failed.append(t.number)
-                    fixed = t.system_attrs.get("fixed_params")
-                    if fixed:  # an enqueued point (the paper defaults, a grid point) that never ran
-                        self.study.enqueue_trial(dict(fixed), skip_if_exists=False)
-                except Exception as exc:  # pragma: no cover - raced with another writer
-                    logger.warning("could not close orphaned Optuna trial %d: %s", t.number, exc)
+            if t.number in owned:
+                continue
+            try:
+                self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                failed.append(t.number)
+                fixed = ray_compat.enqueued_params(t)
+                if fixed:  # an enqueued point (the paper defaults, a grid point) that never ran
+                    self.study.enqueue_trial(dict(fixed), skip_if_exists=False)
+            except Exception as exc:  # pragma: no cover - raced with another writer
+                logger.warning("could not close orphaned Optuna trial %d: %s", t.number, exc)
         return failed
+
+    def _reconcile(self, running: list[Any], tune_trials: set[str]) -> None:
+        for t in running:
+            rid = t.user_attrs.get(RAY_TRIAL_ID_ATTR)
+            if rid in tune_trials and rid not in self._trials:
+                self._trials[rid] = ray_compat.optuna_trial(self.study, t)
+                logger.info("Optuna trial %d adopted by its Tune trial %s", t.number, rid)
+        numbers = {t.number for t in running}
+        for rid, trial in list(self._trials.items()):
+            if rid not in tune_trials and self._number(trial) in numbers:
+                del self._trials[rid]

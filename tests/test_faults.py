@@ -403,7 +403,7 @@ DELAY = textwrap.dedent('''
         import time
 
         def _delay_second_suggest(module):
-            cls, calls = module.LadaOptunaSearch, []
+            cls, calls = module.LadaSearcher, []
             suggest = cls.suggest
 
             def delayed(self, trial_id):

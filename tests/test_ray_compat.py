@@ -58,8 +58,16 @@ def test_outside_the_tested_range_every_touch_refuses_once_and_says_so(monkeypat
     assert len(stale) == 1 and "2.99.0" in stale[0].getMessage(), "one warning per touch"
     table = ray_compat.guarantees()
     assert all(v.startswith("inactive: Ray 2.99.0 is outside the tested range 2.60") for v in table.values())
-    with pytest.raises(ray_compat.RayCompatError, match="2.99.0"):
-        ray_compat.require("optuna_search_state")
+
+
+def test_an_optuna_outside_its_range_refuses_the_optuna_touches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+
+    monkeypatch.setattr(optuna, "__version__", "6.1.0")
+    frozen = optuna.trial.create_trial(value=1.0)
+    assert ray_compat.optuna_trial(object(), frozen) == frozen.number, "the number: its end can still be told"
+    assert ray_compat.enqueued_params(frozen) is None
+    assert ray_compat.guarantees()["optuna_trials"] == "inactive: Optuna 6.1.0 is outside the tested range 5.0-5.0"
 
 
 def test_version_tuple() -> None:
@@ -213,24 +221,22 @@ def test_ray_address_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ray_compat.running_cluster_address() == "10.1.2.3:6379"
 
 
-# -- optuna_search_state -------------------------------------------------------------------------
-def test_optuna_search_state_contract() -> None:
+# -- optuna_trials -------------------------------------------------------------------------------
+def test_optuna_trials_contract() -> None:
+    """A RUNNING trial adopted by its number reports and is told like one from ``ask``; an enqueued
+    point's parameters are found on its trial."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
-    search = OptunaSearch(space=lambda t: {"x": t.suggest_float("x", 0, 1)}, metric="m", mode="max")
-    search.suggest("t0")
-    study = ray_compat.search_study(search)
-    assert isinstance(study, optuna.Study)
-    trials = ray_compat.search_trials(search)
-    assert set(trials) == {"t0"} and isinstance(trials["t0"], optuna.trial.Trial)
-    assert ray_compat.search_completed(search) == set()
-    search.on_trial_complete("t0", {"m": 1.0, "x": 0.5})
-    assert ray_compat.search_completed(search) == {"t0"}
-
-    study.ask()
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 0.25})
+    asked = study.ask()
+    asked.suggest_float("x", 0, 1)
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))[0]
     adopted = ray_compat.optuna_trial(study, running)
-    assert adopted.number == running.number
-    assert ray_compat.frozen_trial(study, adopted).state == optuna.trial.TrialState.RUNNING
-    assert ray_compat.optuna_storage_file(ray_compat.study_storage(study)) is None, "in memory: no file"
+    assert isinstance(adopted, optuna.trial.Trial) and adopted.number == asked.number
+    adopted.report(0.5, 0)
+    study.tell(adopted, 0.75)
+    (done,) = study.get_trials()
+    assert done.intermediate_values == {0: 0.5} and done.value == 0.75
+    assert ray_compat.enqueued_params(done) == {"x": 0.25}
+    assert ray_compat.enqueued_params(optuna.trial.create_trial(value=1.0)) is None

@@ -43,11 +43,11 @@ def test_the_sweeps_task_count_when_the_result_lacks_it() -> None:
 def test_the_searcher_tells_what_the_rule_says() -> None:
     from optuna.trial import TrialState
 
-    from sweeps.search import LadaOptunaSearch
+    from sweeps.search import LadaSearcher
 
-    assert LadaOptunaSearch.outcome(_step(2, value=61.5), OBJECTIVE, False) == (TrialState.COMPLETE, 61.5)
-    assert LadaOptunaSearch.outcome(_step(0), OBJECTIVE, False) == (TrialState.PRUNED, None)
-    assert LadaOptunaSearch.outcome(_step(1, diverged=1), OBJECTIVE, False) == (TrialState.FAIL, None)
+    assert LadaSearcher.outcome(_step(2, value=61.5), OBJECTIVE, False) == (TrialState.COMPLETE, 61.5)
+    assert LadaSearcher.outcome(_step(0), OBJECTIVE, False) == (TrialState.PRUNED, None)
+    assert LadaSearcher.outcome(_step(1, diverged=1), OBJECTIVE, False) == (TrialState.FAIL, None)
 
 
 def test_from_optuna_state() -> None:

@@ -101,10 +101,10 @@ DEFAULTS = {"lada.memory_size": 16, "optim.lr": 1e-3}
 
 
 def _searcher(url: str, name: str = "s") -> Any:
-    from sweeps.optuna_storage import make_sampler, open_storage
-    from sweeps.search import LadaOptunaSearch
+    from sweeps.optuna_storage import make_sampler
+    from sweeps.search import LadaSearcher
 
-    return LadaOptunaSearch(_space, metric=OBJECTIVE, mode="max", points_to_evaluate=[DEFAULTS], sampler=make_sampler(0), study_name=name, storage=open_storage(url))
+    return LadaSearcher(_space, metric=OBJECTIVE, mode="max", points_to_evaluate=[DEFAULTS], sampler=make_sampler(0), study_name=name, storage=url)
 
 
 def test_searcher_tells_pruned_failed_and_complete(tmp_path: Path) -> None:
@@ -140,17 +140,15 @@ def test_full_study_database_is_a_storage_error_naming_the_file(tmp_path: Path, 
     and says what it means."""
     import sqlite3
 
-    from ray.tune.search.optuna import OptunaSearch
-
     from sweeps.storage import StorageError
 
     db = tmp_path / "optuna.db"
     s = _searcher(f"sqlite:///{db}")
 
-    def full(self: Any, trial_id: str) -> None:
+    def full(self: Any, *args: Any, **kwargs: Any) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(OptunaSearch, "suggest", full)
+    monkeypatch.setattr(optuna.Study, "ask", full)
     with pytest.raises(StorageError) as exc:
         s.suggest("t0")
     assert str(exc.value) == f"No space left on device (sqlite: database or disk is full): {db} (the Optuna study)"
@@ -174,7 +172,8 @@ def test_a_new_study_database_opened_by_two_processes_at_once(tmp_path: Path, mo
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", flaky)
     storage = search.open_storage(str(tmp_path / "optuna.db"))
-    assert len(calls) == 2 and search.storage_path(storage) == str((tmp_path / "optuna.db").resolve())
+    assert len(calls) == 2 and storage is not None
+    assert search.storage_file(str(tmp_path / "optuna.db")) == search.storage_file(f"sqlite:///{(tmp_path / 'optuna.db').resolve()}")
 
     def full(url: str) -> Any:
         calls.append(url)
@@ -814,3 +813,19 @@ def test_a_restored_trial_skips_steps_its_driver_already_recorded(mini_cache: An
     assert recorded_step(results, "t9", DRIVER_SESSION) == -1
     (tmp_path / "a-file").write_text("x")
     ResultLedger(str(tmp_path / "a-file" / "below")).on_trial_result(0, [], Trial(), {M.TASK_INDEX: 1})  # unwritable: ignored
+
+
+def test_searcher_pickles_and_its_copy_continues_the_study(tmp_path: Path) -> None:
+    """Tune pickles the searcher with the Tuner (and its state at every snapshot): the copy reports
+    to and tells the same Optuna trial, which keeps its history."""
+    import pickle
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = _searcher(url)
+    s.suggest("t0")
+    s.on_trial_result("t0", {OBJECTIVE: 50.0, M.TASK_INDEX: 0})
+    copy = pickle.loads(pickle.dumps(s))
+    copy.on_trial_result("t0", {OBJECTIVE: 51.0, M.TASK_INDEX: 1})
+    copy.on_trial_complete("t0", {OBJECTIVE: 51.0, TASKS_DONE: 2, NUM_TASKS: 2})
+    (t,) = optuna.load_study(study_name="s", storage=url).get_trials()
+    assert t.state == TrialState.COMPLETE and t.intermediate_values == {0: 50.0, 1: 51.0} and t.value == 51.0
