@@ -16,7 +16,7 @@ ENTRY_POINTS = {"sweeps.cli", "sweeps.runner", "sweeps.report", "sweeps.run", "s
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 # Modules not split yet (issue 10): their size is known and may only shrink.
-TOO_LONG_YET = {"tracking.py": 930}
+TOO_LONG_YET: dict[str, int] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -504,7 +504,7 @@ def test_tracker_closes_runs_of_trials_that_ended_before_the_driver_was_killed(t
         result(t2, step)
     closed_before = client.get_run(tr.runs["t3"]).info.end_time
     state = tr.get_state()
-    tr._pending.clear()  # t1's and t2's last steps die with the driver
+    tr.writer._pending.clear()  # t1's and t2's last steps die with the driver
     for tid in ("t1", "t2"):
         assert [m.step for m in client.get_metric_history(tr.runs[tid], M.AVERAGE)] == [0], "MLflow lacks steps 1 and 2"
     # The state Tune saved says t1 and t2 ended (t1 completed, t2 errored); their runs are RUNNING.
@@ -559,13 +559,13 @@ def test_tracker_keeps_metrics_when_mlflow_is_down(tracker_env: tuple[Any, str, 
     client, uri, exp, parent = tracker_env
     tr = _tracker(uri, exp, parent)
     flaky = FlakyClient(MlflowClient(uri))
-    tr._client = flaky
+    tr.writer._client = flaky
     t1 = FakeTrial("t1", {"optim.lr": 0.001})
     tr.on_trial_start(0, [t1], t1)
     tr.on_trial_result(0, [t1], t1, _result(0))
     flaky.down = True
     assert tr.flush() is False
-    assert not tr.available() and len(tr._pending) > 0, "kept for a retry"
+    assert not tr.available() and len(tr.writer._pending) > 0, "kept for a retry"
     calls = flaky.calls
     # While down: results, a new trial, a trial end - none of them calls MLflow.
     tr.on_trial_result(0, [t1], t1, _result(1))
@@ -585,7 +585,7 @@ def test_tracker_keeps_metrics_when_mlflow_is_down(tracker_env: tuple[Any, str, 
     assert tr.unsent()[1] == 1 and "t2" not in tr.runs
     # Back up (the retry time has passed): the next step sends everything.
     flaky.down = False
-    tr._down_until = 0.0
+    tr.writer._down_until = 0.0
     tr.on_step_end(0, [t1, t2])
     with (d2 / "result.json").open("a") as f:
         f.write(json.dumps(_result(2)) + "\n")
@@ -610,7 +610,7 @@ def test_tracker_is_picklable(tracker_env: tuple[Any, str, str, str]) -> None:
     trial = FakeTrial("t1", {"optim.lr": 0.001})
     tr.on_trial_start(0, [trial], trial)
     clone = pickle.loads(pickle.dumps(tr))
-    assert clone.runs == tr.runs and clone._client is None
+    assert clone.runs == tr.runs and clone.writer._client is None and clone.writer.unsent() == (0, 0)
 
 
 # -- report ---------------------------------------------------------------------------------------------
