@@ -113,7 +113,7 @@ def _start(plan: SweepPlan, mlflow_ready: Any, phases: dict[str, float]) -> _Sta
     phases["cache"] = time.time()
     s = replace(s, gpus_per_trial=gpus, cache_key=info.key, cache_path=str(info.path), num_tasks=len(bundle.tasks),
                 dataset_names=tuple(bundle.task_names))
-    from sweeps.storage import DRIVER_SESSION
+    from sweeps.recovery import DRIVER_SESSION
 
     spec = replace(plan.spec, cache_path=str(info.path), results_dir=None if is_uri(s.folder) else s.folder,
                    driver_session=DRIVER_SESSION)
@@ -155,8 +155,9 @@ def _assemble(plan: SweepPlan, started: _Started) -> _Parts:
 
     from sweeps.objective import OBJECTIVE
     from sweeps.optuna_storage import make_sampler
+    from sweeps.recovery import ResultLedger
     from sweeps.search import LadaSearcher
-    from sweeps.storage import ResultLedger, StorageGuard
+    from sweeps.storage import StorageGuard
     from sweeps.tracking import MlflowTracker
     from sweeps.trainable import lada_trainable
 
@@ -204,7 +205,7 @@ def _fit(plan: SweepPlan, started: _Started, parts: _Parts) -> tuple[Any, Any, A
     ray_compat.ignore_stale_task_failures()  # a node lost: Tune must not end a trial it has requeued
     try:
         if opts.resume and tune.Tuner.can_restore(folder):
-            from sweeps.search import expect_tune_trials, saved_tune_trials
+            from sweeps.recovery import expect_tune_trials, saved_tune_trials
 
             expect_tune_trials(None if is_uri(folder) else saved_tune_trials(folder))
             tuner = tune.Tuner.restore(folder, parts.trainable, resume_unfinished=True, resume_errored=True)

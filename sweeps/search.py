@@ -17,7 +17,6 @@ import logging
 import math
 import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -31,22 +30,6 @@ from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR, open_storage, storage_file
 from sweeps.results import ERROR, classify, optuna_state
 
 logger = logging.getLogger(__name__)
-
-_saved_tune_trials: set[str] | None = None  # set by the driver before Tuner.restore (expect_tune_trials)
-
-
-def expect_tune_trials(trial_ids: Iterable[str] | None) -> None:
-    """The trial ids of the experiment state a ``Tuner.restore`` is about to load (None: unknown). The
-    restored searcher (unpickled by Tune, in this process) reconciles the study with them."""
-    global _saved_tune_trials
-    _saved_tune_trials = None if trial_ids is None else set(trial_ids)
-
-
-def saved_tune_trials(folder: str | Path) -> set[str] | None:
-    """The trial ids of the experiment state ``Tuner.restore`` loads from a local sweep folder
-    (None: unknown). Reads Tune's file format: :func:`sweeps.ray_compat.saved_tune_trials`."""
-    return ray_compat.saved_tune_trials(folder)
-
 
 class LadaSearcher(Searcher):
     """A Tune searcher over an Optuna study (see the module docstring).
@@ -137,7 +120,9 @@ class LadaSearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)
         self._trials, self._ended = dict(state["trials"]), set(state["ended"])
-        self.fail_orphans(_saved_tune_trials)
+        from sweeps.recovery import expected_tune_trials
+
+        self.fail_orphans(expected_tune_trials())
 
     def _number(self, trial: optuna.trial.Trial | int) -> int:
         return trial if isinstance(trial, int) else trial.number

@@ -231,62 +231,6 @@ class _Filter(logging.Filter):
         return True
 
 
-DRIVER_SESSION = uuid.uuid4().hex
-"""This driver process, as :class:`ResultLedger` writes it and its trials' ``TrialSpec`` carries it."""
-RECORDED_DIR = ".recorded"
-
-
-def recorded_file(folder: str | Path, trial_id: str) -> Path:
-    return Path(folder) / RECORDED_DIR / f"{trial_id}.json"
-
-
-def recorded_step(folder: str | Path | None, trial_id: str, session: str | None) -> int:
-    """The last task step the driver ``session`` recorded for the trial, from its ledger file; -1 when
-    there is none, it is another driver's (a restarted driver lost what its predecessor recorded
-    after its last saved state) or it cannot be read."""
-    import json
-
-    if not folder or not session:
-        return -1
-    try:
-        entry = json.loads(recorded_file(folder, trial_id).read_text())
-        return int(entry["step"]) if entry.get("session") == session else -1
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
-
-
-class ResultLedger(Callback):
-    """Driver-side: after every task step Tune records, ``<folder>/.recorded/<trial id>.json`` says
-    which step this driver (:data:`DRIVER_SESSION`) holds, written to a temporary name and renamed.
-
-    Tune records a result, then fetches the checkpoint that came with it in a second call to the
-    trial's actor; a worker (or its node) lost between the two leaves Tune with the previous task's
-    checkpoint. The trial, restored from that one, finds the newer checkpoint in the sweep's folder
-    and would report its step again (a duplicate step in Ray's results); the ledger tells it this
-    driver already has that step. A trial that cannot read the folder (a worker node without the
-    shared filesystem) reports the step again, as without the ledger. A failed write is ignored (a
-    full disk is :class:`StorageGuard`'s business)."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
-        import json
-
-        from lada_core import metrics as M
-
-        if M.TASK_INDEX not in result:
-            return
-        path = recorded_file(self.folder, trial.trial_id)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"session": DRIVER_SESSION, "step": int(result[M.TASK_INDEX])}))
-            os.replace(tmp, path)
-        except OSError as exc:
-            logging.getLogger(__name__).debug("result ledger not written for %s: %s", trial.trial_id, exc)
-
-
 class StorageGuard(Callback, Stopper):
     """Driver-side: interrupt the sweep at the first storage failure (see the module docstring).
 

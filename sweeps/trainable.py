@@ -86,7 +86,7 @@ class TrialSpec:
     objective: Objective = field(default_factory=lambda: Objective({M.AVERAGE: 1.0}))
     work_root: str | None = None  # node-local folder for the trainer's output (default: the temp dir)
     results_dir: str | None = None  # the sweep's folder when it is a local or shared path (not a URI)
-    driver_session: str | None = None  # the driver running the trial (sweeps.storage.DRIVER_SESSION)
+    driver_session: str | None = None  # the driver running the trial (sweeps.recovery.DRIVER_SESSION)
 
     def config(self, sample: Mapping[str, Any]) -> Any:
         """The trial's Config: base < sample < --set."""
@@ -123,54 +123,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _task_index(folder: Path) -> int:
-    """Index of the newest ``task-NNN`` checkpoint folder under ``folder`` (-1 if none)."""
-    best = -1
-    for p in folder.glob("task-*/state.pt"):
-        try:
-            best = max(best, int(p.parent.name.split("-")[1]))
-        except (IndexError, ValueError):
-            continue
-    return best
-
-
-def _loadable(task_dir: Path) -> bool:
-    """A complete checkpoint folder: its ``row.json`` parses and its ``state.pt`` loads (an upload
-    cut short by a full disk leaves a truncated copy behind)."""
-    try:
-        json.loads((task_dir / "row.json").read_text())
-        from lada_core.trainer import load_checkpoint
-
-        load_checkpoint(task_dir)
-        return True
-    except Exception:
-        return False
-
-
-def newest_stored_checkpoint(results_dir: str | None, trial_id: str, newer_than: int = -1) -> Path | None:
-    """The newest complete ``task-NNN`` folder this trial persisted under the sweep's folder (local or
-    shared storage), of a task after ``newer_than`` (only those are opened). A driver killed between
-    two experiment snapshots restores a trial from an older checkpoint than the trial had written;
-    the newer one on disk saves redoing tasks."""
-    if not results_dir:
-        return None
-    found: list[tuple[int, Path]] = []
-    from sweeps import ray_compat
-
-    for trial_dir in ray_compat.trial_dirs(results_dir, trial_id):
-        for p in trial_dir.glob("checkpoint_*/task-*/state.pt"):
-            try:
-                k = int(p.parent.name.split("-")[1])
-            except (IndexError, ValueError):
-                continue
-            if k > newer_than:
-                found.append((k, p.parent))
-    for _, task_dir in sorted(found, key=lambda kp: kp[0], reverse=True):
-        if _loadable(task_dir):
-            return task_dir
-    return None
 
 
 _KEPT: dict[str, tuple[Any, Any]] = {}  # "bundle" / "backbone" -> (key, object), one of each per process
@@ -265,17 +217,9 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(workdir))  # task-NNN/ of the last finished task
-    tune_known = _task_index(workdir)  # the last step Tune has recorded (its checkpoint's task)
-    stored = newest_stored_checkpoint(spec.results_dir, trial_id, newer_than=tune_known)
-    if stored is not None:
-        for old in workdir.glob("task-*"):
-            shutil.rmtree(old)
-        shutil.copytree(stored, workdir / stored.name)
-    # The last step this driver recorded (sweeps.storage.ResultLedger): newer than Tune's checkpoint
-    # when the worker was lost after Tune took a result but before it fetched that result's checkpoint.
-    from sweeps.storage import recorded_step
+    from sweeps.recovery import resume_point
 
-    recorded = max(tune_known, recorded_step(spec.results_dir, trial_id, spec.driver_session))
+    recorded = resume_point(workdir, spec.results_dir, trial_id, spec.driver_session)
     last: dict[str, Any] = {}
 
     def report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:

@@ -50,7 +50,7 @@ from sweeps_helpers import (
 
 from lada_core import metrics as M
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 BUDGET = ["--time-budget-s", "300"]
 # A few hundred optimizer steps per task (about a second each on this machine): a fault lands inside

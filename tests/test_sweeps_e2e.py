@@ -33,7 +33,7 @@ from sweeps_helpers import (
 from lada_core import metrics as M
 from sweeps.trainable import REPLAYED, TASK_SECONDS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 BUDGET = ["--time-budget-s", "400"]
 

@@ -286,7 +286,7 @@ def test_restored_searcher_reconciles_with_the_trials_tune_restores(tmp_path: Pa
     holds a trial Tune's state lacks (the other way round) fails that trial."""
     import json
 
-    from sweeps.search import expect_tune_trials, saved_tune_trials
+    from sweeps.recovery import expect_tune_trials, saved_tune_trials
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     s = _searcher(url)
@@ -744,7 +744,7 @@ def test_a_restored_trial_skips_steps_its_driver_already_recorded(mini_cache: An
 
     from ray import tune
 
-    from sweeps.storage import ResultLedger, recorded_file, recorded_step
+    from sweeps.recovery import ResultLedger, recorded_file, recorded_step
     from sweeps.trainable import REPLAYED, TASK_SECONDS
 
     cfg, info, _ = mini_cache
@@ -805,7 +805,7 @@ def test_a_restored_trial_skips_steps_its_driver_already_recorded(mini_cache: An
     cb = ResultLedger(str(results))
     cb.on_trial_result(0, [], Trial(), {M.TASK_INDEX: 2})
     cb.on_trial_result(0, [], Trial(), {"done": True})
-    from sweeps.storage import DRIVER_SESSION
+    from sweeps.recovery import DRIVER_SESSION
 
     assert recorded_step(results, "t9", DRIVER_SESSION) == 2 and recorded_step(results, "t9", "other") == -1
     assert recorded_step(None, "t9", DRIVER_SESSION) == -1 and recorded_step(results, "t1", DRIVER_SESSION) == -1

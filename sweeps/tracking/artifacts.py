@@ -49,18 +49,6 @@ def heatmap_figure(rows: Sequence[Sequence[float]], names: Sequence[str]) -> Any
     return fig
 
 
-def _newest_into(ckpt_dir: Path, results_dir: str | None, trial_id: str) -> None:
-    """Put the trial's newest stored task checkpoint in ``ckpt_dir`` when it is newer than the one
-    Tune holds (Tune lost the last one's registration with the worker: see
-    :class:`sweeps.storage.ResultLedger`)."""
-    from sweeps.trainable import _task_index, newest_stored_checkpoint
-
-    newest = newest_stored_checkpoint(results_dir, trial_id, newer_than=_task_index(ckpt_dir))
-    if newest is not None:
-        shutil.rmtree(ckpt_dir)
-        shutil.copytree(newest, ckpt_dir / newest.name)
-
-
 def outcome_tags(outcome: str, tasks_done: Any, message: str = "") -> dict[str, str]:
     """The tags that close a trial's run: its outcome, tasks done and, for a failure, the reason."""
     tags = {OUTCOME_TAG: outcome}

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from lada_core import metrics as M
+from sweeps.recovery import newest_into
 from sweeps.results import DIVERGED_OUTCOME, ERROR, FAILED, TASKS_DONE, classify, mlflow_status
-from sweeps.tracking.artifacts import _newest_into, outcome_tags, step_metrics, write_trial_end
+from sweeps.tracking.artifacts import outcome_tags, step_metrics, write_trial_end
 from sweeps.tracking.store import (
     ACC_PREFIX,
     MAX_BATCH,
@@ -83,8 +84,7 @@ class MlflowTracker(Callback):
         self.rows: dict[str, dict[int, list[float]]] = {}  # trial id -> task index -> accuracy row
         self.columns: dict[str, list[str]] = {}  # trial id -> dataset names
         self.finished: set[str] = set()
-        # Per process.
-        self._synced: set[str] = set()
+        self._synced: set[str] = set()  # per process, from here on
         self._children: dict[str, str] | None = None
         self._orphans_checked = False
         self.seconds = 0.0  # driver time spent in this callback (MLflow calls, artifacts, plots)
@@ -389,7 +389,7 @@ class MlflowTracker(Callback):
             if checkpoint is not None:
                 ckpt_dir = tmp / "checkpoint"
                 checkpoint.to_directory(str(ckpt_dir))
-                _newest_into(ckpt_dir, getattr(self.spec, "results_dir", None), tid)
+                newest_into(ckpt_dir, getattr(self.spec, "results_dir", None), tid)
             self.writer.calls += write_trial_end(self.client, run_id, status, tags, rows, names, config_yaml, ckpt_dir)
             self.writer.mark_up()
         except Exception as exc:

@@ -1,0 +1,187 @@
+"""The one owner of resume and restore gaps: what a restarted driver, a retried trial and a lost worker
+find, and how each step of a trial reaches every reader exactly once.
+
+INVARIANT. Every task step of every trial reaches each reader of a sweep - the MLflow child run, the
+Optuna study, ``lada-sweep-report`` and :func:`sweeps.results.read_results` - exactly once, and no
+finished task is trained twice, whatever was lost: a worker (its process or its node) between a result
+and its checkpoint, or the driver between two of Tune's experiment snapshots.
+
+How each gap is closed (the parts that need a store live with it, named here):
+
+- A trial restored from an older checkpoint than it had stored (a driver killed between snapshots)
+  starts from its newest complete stored checkpoint (:func:`newest_stored_checkpoint`,
+  :func:`resume_point`), and reports the steps Tune's state lacks again without training them,
+  marked ``replayed=1`` (:mod:`sweeps.trainable`).
+- A step this driver already holds is not reported again: the result ledger
+  (``<sweep>/.recorded/<trial>.json``, :class:`ResultLedger`, keyed by :data:`DRIVER_SESSION`) says
+  which step the driver recorded; Tune may have recorded a result whose checkpoint it never fetched.
+  Needs a results folder the trial can read: on a cloud URI, or a node without the shared folder,
+  the step is reported again, marked ``replayed=1`` - Ray's ``result.json`` is then at-least-once
+  and :func:`sweeps.results.read_results` de-duplicates it, MLflow skips steps it has
+  (``task_index`` history), Optuna ignores a repeated step.
+- A restored searcher reconciles its study with the trials Tune restores (:func:`expect_tune_trials`
+  before ``Tuner.restore``; :meth:`sweeps.search.LadaSearcher.fail_orphans`): a trial asked by a
+  killed driver and owned by no Tune trial is failed, an enqueued point among them enqueued again.
+- MLflow: runs of trials a killed driver never saved are closed KILLED
+  (:func:`sweeps.tracking.close_orphans`); runs of trials that ended before the kill are closed with
+  their outcome (:class:`sweeps.tracking.MlflowTracker`); the final checkpoint logged is the newest
+  stored one (:func:`newest_into`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from sweeps import ray_compat
+
+_expected: set[str] | None = None  # set by the driver before Tuner.restore (expect_tune_trials)
+
+
+def expect_tune_trials(trial_ids: Iterable[str] | None) -> None:
+    """The trial ids of the experiment state a ``Tuner.restore`` is about to load (None: unknown). The
+    restored searcher (unpickled by Tune, in this process) reconciles the study with them."""
+    global _expected
+    _expected = None if trial_ids is None else set(trial_ids)
+
+
+def expected_tune_trials() -> set[str] | None:
+    return None if _expected is None else set(_expected)
+
+
+def saved_tune_trials(folder: str | Path) -> set[str] | None:
+    """The trial ids of the experiment state ``Tuner.restore`` loads from a local sweep folder
+    (None: unknown). Reads Tune's file format: :func:`sweeps.ray_compat.saved_tune_trials`."""
+    return ray_compat.saved_tune_trials(folder)
+
+
+DRIVER_SESSION = uuid.uuid4().hex
+"""This driver process, as :class:`ResultLedger` writes it and its trials' ``TrialSpec`` carries it."""
+RECORDED_DIR = ".recorded"
+
+
+def recorded_file(folder: str | Path, trial_id: str) -> Path:
+    return Path(folder) / RECORDED_DIR / f"{trial_id}.json"
+
+
+def recorded_step(folder: str | Path | None, trial_id: str, session: str | None) -> int:
+    """The last task step the driver ``session`` recorded for the trial, from its ledger file; -1 when
+    there is none, it is another driver's (a restarted driver lost what its predecessor recorded
+    after its last saved state) or it cannot be read."""
+    if not folder or not session:
+        return -1
+    try:
+        entry = json.loads(recorded_file(folder, trial_id).read_text())
+        return int(entry["step"]) if entry.get("session") == session else -1
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+class ResultLedger(Callback):
+    """Driver-side: after every task step Tune records, ``<folder>/.recorded/<trial id>.json`` says
+    which step this driver (:data:`DRIVER_SESSION`) holds, written to a temporary name and renamed.
+
+    Tune records a result, then fetches the checkpoint that came with it in a second call to the
+    trial's actor; a worker (or its node) lost between the two leaves Tune with the previous task's
+    checkpoint. The trial, restored from that one, finds the newer checkpoint in the sweep's folder
+    and would report its step again (a duplicate step in Ray's results); the ledger tells it this
+    driver already has that step. A trial that cannot read the folder (a worker node without the
+    shared filesystem) reports the step again, as without the ledger. A failed write is ignored (a
+    full disk is :class:`StorageGuard`'s business)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
+        from lada_core import metrics as M
+
+        if M.TASK_INDEX not in result:
+            return
+        path = recorded_file(self.folder, trial.trial_id)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"session": DRIVER_SESSION, "step": int(result[M.TASK_INDEX])}))
+            os.replace(tmp, path)
+        except OSError as exc:
+            logging.getLogger(__name__).debug("result ledger not written for %s: %s", trial.trial_id, exc)
+
+
+def _task_index(folder: Path) -> int:
+    """Index of the newest ``task-NNN`` checkpoint folder under ``folder`` (-1 if none)."""
+    best = -1
+    for p in folder.glob("task-*/state.pt"):
+        try:
+            best = max(best, int(p.parent.name.split("-")[1]))
+        except (IndexError, ValueError):
+            continue
+    return best
+
+
+def _loadable(task_dir: Path) -> bool:
+    """A complete checkpoint folder: its ``row.json`` parses and its ``state.pt`` loads (an upload
+    cut short by a full disk leaves a truncated copy behind)."""
+    try:
+        json.loads((task_dir / "row.json").read_text())
+        from lada_core.trainer import load_checkpoint
+
+        load_checkpoint(task_dir)
+        return True
+    except Exception:
+        return False
+
+
+def newest_stored_checkpoint(results_dir: str | None, trial_id: str, newer_than: int = -1) -> Path | None:
+    """The newest complete ``task-NNN`` folder this trial persisted under the sweep's folder (local or
+    shared storage), of a task after ``newer_than`` (only those are opened). A driver killed between
+    two experiment snapshots restores a trial from an older checkpoint than the trial had written;
+    the newer one on disk saves redoing tasks."""
+    if not results_dir:
+        return None
+    found: list[tuple[int, Path]] = []
+    from sweeps import ray_compat
+
+    for trial_dir in ray_compat.trial_dirs(results_dir, trial_id):
+        for p in trial_dir.glob("checkpoint_*/task-*/state.pt"):
+            try:
+                k = int(p.parent.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if k > newer_than:
+                found.append((k, p.parent))
+    for _, task_dir in sorted(found, key=lambda kp: kp[0], reverse=True):
+        if _loadable(task_dir):
+            return task_dir
+    return None
+
+
+def resume_point(workdir: Path, results_dir: str | None, trial_id: str, session: str | None) -> int:
+    """Put the trial's newest complete stored checkpoint in ``workdir`` when it is newer than the one
+    Tune restored there; returns the last step this driver already holds (Tune's checkpoint, or the
+    ledger's newer step: the worker was lost after Tune took a result but before it fetched that
+    result's checkpoint). Steps after it are reported; steps up to it are not."""
+    tune_known = _task_index(workdir)
+    stored = newest_stored_checkpoint(results_dir, trial_id, newer_than=tune_known)
+    if stored is not None:
+        for old in workdir.glob("task-*"):
+            shutil.rmtree(old)
+        shutil.copytree(stored, workdir / stored.name)
+    return max(tune_known, recorded_step(results_dir, trial_id, session))
+
+
+def newest_into(ckpt_dir: Path, results_dir: str | None, trial_id: str) -> None:
+    """Put the trial's newest stored task checkpoint in ``ckpt_dir`` when it is newer than the one
+    Tune holds (Tune lost the last one's registration with the worker: see
+    :class:`ResultLedger`)."""
+    newest = newest_stored_checkpoint(results_dir, trial_id, newer_than=_task_index(ckpt_dir))
+    if newest is not None:
+        shutil.rmtree(ckpt_dir)
+        shutil.copytree(newest, ckpt_dir / newest.name)
