@@ -24,6 +24,11 @@ set-up: imports, Ray start, cache lookup, the MLflow parent run and the Optuna s
     .venv/bin/python bench/sweep_overhead.py                      # 4 trials of ~20 s, 2 at a time
     .venv/bin/python bench/sweep_overhead.py --trials 12          # the per-worker start amortised
     .venv/bin/python bench/sweep_overhead.py --no-reuse-actors    # a fresh worker per trial (before)
+    .venv/bin/python bench/sweep_overhead.py --stock              # side by side with stock Ray+Optuna+MLflow
+
+``--stock`` also runs the same trials (same space, config, seed, cache, concurrency, actor reuse and
+checkpoints) through Ray's own ``OptunaSearch`` and ``MLflowLoggerCallback`` in a plain Tune driver,
+in the same invocation, and prints both and their ratio (ours / stock).
 """
 
 from __future__ import annotations
@@ -42,10 +47,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], float]:
-    timings = work / "timings"
-    cmd = [
-        sys.executable, "-m", "sweeps.run", "--space", "lada_paper", "--tiny-model", "--name", "overhead",
+def sweep_argv(args: argparse.Namespace, work: Path) -> list[str]:
+    """The ``lada-sweep`` flags of the benchmark's sweep (the stock driver resolves the same ones)."""
+    argv = [
+        "--space", "lada_paper", "--tiny-model", "--name", "overhead",
         "--num-samples", str(args.trials), "--local-cpus", str(args.cpus), "--cpus-per-trial", "1",
         "--storage", str(work / "results"), "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", "--verbose", "0",
         "--time-budget-s", "3600", "--seed", "0",
@@ -53,8 +58,12 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], float]:
         "--set", f"data.shots={args.shots}", "--set", "data.views=2",
         "--set", f"optim.epochs={args.epochs}", "--set", f"optim.batch_size={args.batch_size}",
     ]
-    if args.no_reuse_actors:
-        cmd.append("--no-reuse-actors")
+    return argv + (["--no-reuse-actors"] if args.no_reuse_actors else [])
+
+
+def run(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], float]:
+    timings = work / "timings"
+    cmd = [sys.executable, "-m", "sweeps.run", *sweep_argv(args, work)]
     env = dict(os.environ, LADA_TRIAL_TIMINGS=str(timings), RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
     t0 = time.time()
     res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
@@ -148,7 +157,86 @@ def report(summary: dict, records: list[dict], process_wall: float, label: str) 
     return {"overhead_phase": overhead, "overhead_whole": whole, "per_trial": per_trial}
 
 
+def stock_driver(argv: list[str]) -> int:
+    """The same trials through stock Ray Tune: ``OptunaSearch`` and ``MLflowLoggerCallback`` (run in
+    its own process by :func:`run_stock`); writes its summary as JSON to stdout's last line."""
+    t_start = time.time()
+    import ray
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.cli import build_parser
+    from sweeps.objective import OBJECTIVE
+    from sweeps.optuna_storage import make_sampler
+    from sweeps.plan import prepare
+    from sweeps.runner import build_cache
+    from sweeps.settings import RunOptions, resolve
+    from sweeps.trainable import lada_trainable
+
+    args = build_parser().parse_args(argv)
+    args.t0 = t_start
+    plan = prepare(resolve(args), RunOptions.from_args(args))
+    s, opts = plan.settings, plan.options
+    ray.init(num_cpus=opts.local_cpus, include_dashboard=False, log_to_driver=False)
+    info, _bundle = build_cache(plan.cache_config, "driver")
+    from dataclasses import replace
+
+    spec = replace(plan.spec, cache_path=str(info.path))
+    searcher = OptunaSearch(space=plan.space.fn, metric=OBJECTIVE, mode=s.mode, sampler=make_sampler(s.seed),
+                            points_to_evaluate=[dict(p) for p in plan.points] or None)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(lada_trainable, spec=spec), {"cpu": s.cpus_per_trial}),
+        tune_config=tune.TuneConfig(search_alg=searcher, metric=OBJECTIVE, mode=s.mode, num_samples=s.num_samples,
+                                    time_budget_s=opts.time_budget_s, reuse_actors=opts.reuse_actors),
+        run_config=tune.RunConfig(name="stock", storage_path=s.storage, verbose=0,
+                                  callbacks=[MLflowLoggerCallback(tracking_uri=s.mlflow_uri, experiment_name="stock")],
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  failure_config=tune.FailureConfig(max_failures=opts.max_failures)),
+    )
+    t_fit = time.time()
+    grid = tuner.fit()
+    t_end = time.time()
+    ray.shutdown()
+    done = sum(1 for r in grid if r.error is None)
+    print(json.dumps({"t_start": t_start, "t_fit": t_fit, "t_end": t_end, "setup_s": t_fit - t_start, "fit_wall_s": t_end - t_fit,
+                      "wall_s": t_end - t_start, "concurrency": min(opts.local_cpus or 1, s.num_samples), "trials_ok": done}))
+    return 0
+
+
+def run_stock(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], float]:
+    timings = work / "timings"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--stock-driver", *sweep_argv(args, work)]
+    env = dict(os.environ, LADA_TRIAL_TIMINGS=str(timings), RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    t0 = time.time()
+    res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if res.returncode != 0:
+        sys.exit(f"the stock sweep failed ({res.returncode}):\n{res.stderr[-4000:]}")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    records = [json.loads(line) for f in sorted(timings.glob("*.jsonl")) for line in f.read_text().splitlines() if line.strip()]
+    return summary, records, wall
+
+
+def side_by_side(ours: tuple[dict, list[dict], float], stock: tuple[dict, list[dict], float]) -> None:
+    """Ours against stock Ray+Optuna+MLflow: wall times, time that is not trial compute, ratios."""
+    rows = []
+    for label, (summary, records, wall) in (("lada-sweep", ours), ("stock Ray+Optuna+MLflow", stock)):
+        compute = sum(r["run_s"] - r.get("report_s", 0.0) - r.get("bundle_s", 0.0) - r.get("backbone_s", 0.0) for r in records)
+        capacity = summary["concurrency"] * summary["fit_wall_s"]
+        rows.append((label, wall, summary["setup_s"], summary["fit_wall_s"], capacity - compute, len(records)))
+    print(f"\n== side by side: the same {rows[0][5]} trials ==")
+    print(f"{'':26}{'command s':>11}{'set-up s':>10}{'trials s':>10}{'not compute slot-s':>20}")
+    for label, wall, setup, fit, other, _n in rows:
+        print(f"{label:26}{wall:11.1f}{setup:10.1f}{fit:10.1f}{other:20.1f}")
+    (_, w1, s1, f1, o1, _), (_, w2, s2, f2, o2, _) = rows
+    print(f"{'ours / stock':26}{w1 / w2:11.2f}{s1 / max(s2, 1e-9):10.2f}{f1 / f2:10.2f}{o1 / max(o2, 1e-9):20.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--stock-driver"]:
+        return stock_driver(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--trials", type=int, default=4, help="number of identical trials")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (one per trial)")
@@ -157,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shots", type=int, default=8, help="shots per class of mini-tail")
     p.add_argument("--cache-root", default=str(Path(tempfile.gettempdir()) / "lada-bench-cache"), help="feature cache root (kept between runs)")
     p.add_argument("--no-reuse-actors", action="store_true", help="a fresh worker process per trial (the behaviour without actor reuse)")
+    p.add_argument("--stock", action="store_true", help="also run the same trials through Ray's OptunaSearch and MLflowLoggerCallback, side by side")
     p.add_argument("--keep", default=None, help="keep the sweep's folder here (default: a temporary folder, removed)")
     args = p.parse_args(argv)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lada-overhead-"))
@@ -167,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         summary, records, wall = run(args, work)
         label = "fresh worker per trial" if args.no_reuse_actors else "workers reused between trials"
         report(summary, records, wall, label)
+        if args.stock:
+            stock_work = work / "stock"
+            stock_work.mkdir()
+            stock = run_stock(args, stock_work)
+            side_by_side((summary, records, wall), stock)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
