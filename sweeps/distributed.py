@@ -94,6 +94,28 @@ def _helper(rank: int, world_size: int, port: int, backend: str, cfg_dict: dict[
         raise SystemExit(1) from None
 
 
+def _open_inputs(cfg: Any, bundle_path: str | Path | None, bundle: Any, backbone: Any,
+                 timings: dict[str, Any] | None) -> tuple[Any, Any]:
+    """The feature bundle (opened unless given) and, when ``timings`` are measured, the backbone
+    (built here so that its time is measured apart from the training: bench/sweep_overhead.py)."""
+    import time
+
+    from lada_core.features import load_bundle
+
+    t0 = time.time()
+    if bundle is None and bundle_path:
+        bundle = load_bundle(bundle_path)
+    t1 = time.time()
+    if timings is not None:
+        if backbone is None:
+            from lada_core.backbone import load_backbone
+
+            backbone = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
+        timings["bundle_s"] = timings.get("bundle_s", 0.0) + t1 - t0
+        timings["backbone_s"] = timings.get("backbone_s", 0.0) + time.time() - t1
+    return bundle, backbone
+
+
 def run_continual_parallel(
     cfg: Any,
     bundle_path: str | Path | None,
@@ -115,24 +137,11 @@ def run_continual_parallel(
     """
     import torch.distributed as dist
 
-    from lada_core.features import load_bundle
     from lada_core.trainer import run_continual
 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    import time
-
-    t0 = time.time()
-    if bundle is None and bundle_path:
-        bundle = load_bundle(bundle_path)
-    t1 = time.time()
-    if timings is not None:  # measured apart from the training (bench/sweep_overhead.py)
-        if backbone is None:
-            from lada_core.backbone import load_backbone
-
-            backbone = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
-        timings["bundle_s"] = timings.get("bundle_s", 0.0) + t1 - t0
-        timings["backbone_s"] = timings.get("backbone_s", 0.0) + time.time() - t1
+    bundle, backbone = _open_inputs(cfg, bundle_path, bundle, backbone, timings)
     if world_size == 1:
         return run_continual(cfg, bundle, output_dir, on_task_end=on_task_end, log=log, backbone=backbone)
     backend = backend or choose_backend(world_size)

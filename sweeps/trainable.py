@@ -192,6 +192,73 @@ def _restore_threads(held: Any) -> None:
         limiter.restore_original_limits()
 
 
+def _workdir(spec: TrialSpec, trial_id: str) -> tuple[Path, Path, int]:
+    """The trial's scratch folder and its ``run/`` folder holding the checkpoint to resume from (Tune's,
+    or a newer stored one: :func:`sweeps.recovery.resume_point`); and the last step already held."""
+    from ray import tune
+
+    from sweeps.recovery import resume_point
+
+    root = Path(spec.work_root or tempfile.gettempdir()) / "lada-trials" / trial_id
+    shutil.rmtree(root, ignore_errors=True)
+    workdir = root / "run"
+    workdir.mkdir(parents=True)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        checkpoint.to_directory(str(workdir))  # task-NNN/ of the last finished task
+    return root, workdir, resume_point(workdir, spec.results_dir, trial_id, spec.driver_session)
+
+
+class _Reporter:
+    """Turns the trainer's task ends into ``tune.report`` calls, each with its task checkpoint."""
+
+    def __init__(self, spec: TrialSpec, root: Path, timings: _Timings, recorded: int, extra: dict[str, Any]) -> None:
+        self.spec, self.root, self.timings, self.recorded, self.extra = spec, root, timings, recorded, extra
+        self.last: dict[str, Any] = {}
+
+    def report(self, result: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from ray import tune
+
+        t_rep = time.time()
+        if checkpoint_dir is None:
+            tune.report(result)
+        else:
+            stage = self.root / "report" / f"step-{result[M.TASK_INDEX]:03d}"
+            shutil.copytree(checkpoint_dir, stage / Path(checkpoint_dir).name, copy_function=_link_or_copy)
+            self.timings.stage_s += time.time() - t_rep
+            try:
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(stage)))
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        self.timings.report_s += time.time() - t_rep
+        self.last["result"] = result
+
+    def on_task_end(self, te: Any) -> None:
+        result = step_result(te.metrics, te.task_index, te.num_tasks, te.seconds, self.spec.objective)
+        result.update(self.extra)
+        if getattr(te, "resumed", False):
+            self.last["result"] = result
+            if te.task_index > self.recorded:
+                # Done, but not recorded by this driver (a driver restart after it, or a worker lost
+                # before its report reached the driver): report it again (no training), with the
+                # checkpoint on the last such step. MLflow skips steps it already has.
+                ckpt = Path(te.checkpoint_dir)
+                result[REPLAYED] = 1
+                self.report(result, ckpt if (ckpt / "state.pt").is_file() else None)
+            return
+        self.report(result, Path(te.checkpoint_dir))
+
+
+def _report_end(last: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Report a trial's end that is not a task's: its last task's result, no value, ``fields``."""
+    from ray import tune
+
+    result = dict(last.get("result", {}))
+    result.update({OBJECTIVE: math.nan, **fields})
+    result.setdefault(TASKS_DONE, 0)
+    tune.report(result)
+
+
 def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     """The Ray Tune function trainable (wrapped with ``tune.with_parameters(lada_trainable, spec=...)``)."""
     timings = _Timings(os.environ.get(TIMINGS_ENV))
@@ -210,51 +277,12 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     trial_id = ctx.get_trial_id() or "local"
     cfg = spec.config(config)
     node_id = ray.get_runtime_context().get_node_id()
-    root = Path(spec.work_root or tempfile.gettempdir()) / "lada-trials" / trial_id
-    shutil.rmtree(root, ignore_errors=True)
-    workdir = root / "run"
-    workdir.mkdir(parents=True)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        checkpoint.to_directory(str(workdir))  # task-NNN/ of the last finished task
-    from sweeps.recovery import resume_point
-
-    recorded = resume_point(workdir, spec.results_dir, trial_id, spec.driver_session)
-    last: dict[str, Any] = {}
-
-    def report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        t_rep = time.time()
-        if checkpoint_dir is None:
-            tune.report(result)
-        else:
-            stage = root / "report" / f"step-{result[M.TASK_INDEX]:03d}"
-            shutil.copytree(checkpoint_dir, stage / Path(checkpoint_dir).name, copy_function=_link_or_copy)
-            timings.stage_s += time.time() - t_rep
-            try:
-                tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(stage)))
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
-        timings.report_s += time.time() - t_rep
-        last["result"] = result
-
-    def on_task_end(te: Any) -> None:
-        result = step_result(te.metrics, te.task_index, te.num_tasks, te.seconds, spec.objective)
-        result[NODE_ID] = node_id
-        result[WORLD_SIZE] = world
-        if getattr(te, "resumed", False):
-            last["result"] = result
-            if te.task_index > recorded:
-                # Done, but not recorded by this driver (a driver restart after it, or a worker lost
-                # before its report reached the driver): report it again (no training), with the
-                # checkpoint on the last such step. MLflow skips steps it already has.
-                ckpt = Path(te.checkpoint_dir)
-                result[REPLAYED] = 1
-                report(result, ckpt if (ckpt / "state.pt").is_file() else None)
-            return
-        report(result, Path(te.checkpoint_dir))
-
+    root, workdir, recorded = _workdir(spec, trial_id)
     t0 = time.time()
     world = _world_size()
+    reporter = _Reporter(spec, root, timings, recorded, {NODE_ID: node_id, WORLD_SIZE: world})
+    last = reporter.last
+    on_task_end = reporter.on_task_end
     threads = _limit_threads()
     timings.t.update(trial_id=trial_id, setup_s=t0 - timings.t["enter"] - timings.t.get("imports_s", 0.0))
     try:
@@ -268,10 +296,7 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         timings.write(run_s=time.time() - t0)
     except DivergenceError as exc:
         # Retrying cannot help (same seed, same data): end the trial with the reason, as a failed value.
-        result = dict(last.get("result", {}))
-        result.update({OBJECTIVE: math.nan, DIVERGED: 1, ERROR: str(exc), NODE_ID: node_id})
-        result.setdefault(TASKS_DONE, 0)
-        tune.report(result)
+        _report_end(last, {DIVERGED: 1, ERROR: str(exc), NODE_ID: node_id})
         return
     except Exception as exc:
         from sweeps.storage import StorageError, describe
@@ -282,10 +307,7 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         # A full or read-only disk: every retry and every other trial would fail the same way. Tell
         # the driver (its StorageGuard stops the sweep as Ctrl+C would, keeping this trial
         # resumable from its last stored checkpoint) and wait to be stopped.
-        result = dict(last.get("result", {}))
-        result.update({OBJECTIVE: math.nan, STORAGE_ERROR: found, ERROR: found, NODE_ID: node_id})
-        result.setdefault(TASKS_DONE, 0)
-        tune.report(result)
+        _report_end(last, {STORAGE_ERROR: found, ERROR: found, NODE_ID: node_id})
         deadline = time.monotonic() + STORAGE_WAIT_S
         while time.monotonic() < deadline:
             time.sleep(0.5)
