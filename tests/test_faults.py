@@ -173,7 +173,10 @@ def test_killed_worker_is_retried_from_its_last_task(dirs: SweepDirs) -> None:
     pids = [r["pid"] for r in rows]
     assert pids[0] == pid and pids[-1] != pid, "the tasks after the kill ran in a new worker process"
     first_new = next(i for i, p in enumerate(pids) if p != pid)
-    assert done_before <= first_new <= done_before + 1, (done_before, pids)
+    # The killed worker may still have finished and reported a task or two between the poll and the
+    # kill (seen on a loaded machine: polled at 2 tasks, killed after 4): only the lower bound is
+    # certain; that no task was trained again is the _steps check above.
+    assert first_new >= done_before, (done_before, pids)
 
     names = settings(dirs, name)["dataset_names"]
     matrix = [[r[f"acc/{n}"] for n in names] for r in rows]
