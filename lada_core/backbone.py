@@ -3,7 +3,9 @@
 ``load_backbone(model, pretrained)`` loads any open_clip architecture by name with a pretrained tag
 (``openai``, ``laion2b_s34b_b88k``, ...), a local checkpoint path, or ``None`` (random init, used by
 the tests). Extra JSON model configs (the tests' tiny models) are registered with
-:func:`register_model_configs`.
+:func:`register_model_configs`. The tag ``lada-offline`` (:data:`OFFLINE_TAG`) means the project's own
+offline-pretrained weights of a packaged model (``lada-mini``): pretrained on first use by
+:mod:`lada_core.mini_clip`, then read from its content-addressed file.
 
 Activation (method page, section 2): OpenAI's CLIP was trained with QuickGELU, while open_clip's
 ``ViT-B-16`` config builds ``nn.GELU`` and only warns when OpenAI weights are loaded into it. Here
@@ -70,7 +72,10 @@ class Backbone:
 
 
 PACKAGED_MODELS = Path(__file__).resolve().parent / "data" / "models"
-"""Model configs shipped with the package: ``lada-tiny`` (a random-init toy for tests and the offline demo)."""
+"""Model configs shipped with the package: ``lada-tiny`` (a random-init toy for shape tests), ``lada-mini``
+(the mini CLIP, with ``pretrained=lada-offline``), ``lada-small``."""
+OFFLINE_TAG = "lada-offline"
+"""``backbone.pretrained`` value: the project's own offline-pretrained weights (see lada_core.mini_clip)."""
 _registered: set[str] = set()
 
 
@@ -100,6 +105,17 @@ def _is_path_like(pretrained: str) -> bool:
     )
 
 
+def model_config(name: str) -> dict[str, Any]:
+    """The open_clip JSON config of ``name`` (packaged configs included)."""
+    import open_clip
+
+    _register_packaged()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise BackboneError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+    return dict(cfg)
+
+
 def model_names() -> list[str]:
     import open_clip
 
@@ -119,6 +135,14 @@ def check_model(name: str, pretrained: str | None, model_config_dir: str | None 
         close = [m for m in known if name.lower().split("-")[0] in m.lower()][:8]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise BackboneError(f"unknown open_clip model {name!r}{hint}; see open_clip.list_models()")
+    if pretrained == OFFLINE_TAG:
+        from lada_core.mini_clip import RECIPES
+
+        if name not in RECIPES:
+            raise BackboneError(
+                f"pretrained={OFFLINE_TAG} (the project's own offline weights) exists for {', '.join(RECIPES)} only, not {name!r}"
+            )
+        return
     if pretrained and _is_path_like(pretrained) and not Path(pretrained).is_file():
         raise BackboneError(f"checkpoint file not found: {pretrained}")
     if pretrained and not _is_path_like(pretrained):
@@ -141,34 +165,42 @@ def load_backbone(
     from torchvision import transforms as T
 
     check_model(name, pretrained, model_config_dir)
-    force_quick_gelu = quick_gelu_plan(name, pretrained)
-    torchscript = bool(pretrained) and _is_path_like(pretrained or "") and is_torchscript_archive(pretrained or "")
+    weights = pretrained
+    if pretrained == OFFLINE_TAG:  # the project's own weights: pretrained here on first use
+        from lada_core.mini_clip import PretrainError, ensure_weights
+
+        try:
+            weights = str(ensure_weights(name))
+        except PretrainError as exc:
+            raise BackboneError(str(exc)) from None
+    force_quick_gelu = quick_gelu_plan(name, weights)
+    torchscript = bool(weights) and _is_path_like(weights or "") and is_torchscript_archive(weights or "")
     try:
         # Random init (pretrained=None, the tests' models) is seeded, so that every process that
         # loads the model (cache extraction, each trial) gets the same weights. Without network,
         # the hub is used in offline mode (local cache only) instead of retrying for a minute.
-        with torch.random.fork_rng(devices=[]), _quiet_open_clip(), _hub_offline_if_unreachable(pretrained), \
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip(), _hub_offline_if_unreachable(weights), \
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.manual_seed(RANDOM_INIT_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=None if torchscript else (pretrained or None), device=device,
+                name, pretrained=None if torchscript else (weights or None), device=device,
                 force_quick_gelu=force_quick_gelu,
             )
         for w in caught:  # never left to a warning (see the module docstring)
             if "QuickGELU mismatch" in str(w.message):
                 raise BackboneError(f"{name} with {pretrained}: activation mismatch: {_line(str(w.message))}")
         if torchscript:
-            _load_torchscript_weights(model, str(pretrained), device)
+            _load_torchscript_weights(model, str(weights), device)
     except BackboneError:
         raise
     except Exception as exc:  # network failure, corrupt checkpoint, ...
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        if pretrained and not _is_path_like(pretrained):
+        if pretrained and not _is_path_like(pretrained) and pretrained != OFFLINE_TAG:
             if not _hub_reachable():
                 first = UNREACHABLE
             raise _cannot_fetch(name, pretrained, first) from None
-        raise BackboneError(f"could not load {name} from {pretrained}: {first}") from None
+        raise BackboneError(f"could not load {name} from {weights}: {first}") from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -216,8 +248,8 @@ def check_weights_available(name: str, pretrained: str | None, model_config_dir:
     neither found in the local cache nor fetched: :func:`load_backbone` would fail the same way later.
     Checks the name and tag (:func:`check_model`); a path or random init needs nothing more."""
     check_model(name, pretrained, model_config_dir)
-    if not pretrained or _is_path_like(pretrained) or _hub_reachable():
-        return
+    if not pretrained or pretrained == OFFLINE_TAG or _is_path_like(pretrained) or _hub_reachable():
+        return  # random init, the project's own weights (pretrained on first use), a path, or the hub is there
     import open_clip
 
     try:  # the hub is unreachable: open_clip's own lookup, on the local cache only
@@ -232,7 +264,8 @@ def check_weights_available(name: str, pretrained: str | None, model_config_dir:
 def identity(name: str, pretrained: str | None) -> str:
     """A hash of what determines the weights: the architecture's JSON config (with the activation
     :func:`quick_gelu_plan` gives it) and the pretrained tag, or the checkpoint file's bytes, or the
-    random-init seed. Part of the feature-cache key."""
+    random-init seed, or (``lada-offline``) the sha256 of the project's own weights file. Part of the
+    feature-cache key."""
     import hashlib
     import json
 
@@ -242,7 +275,12 @@ def identity(name: str, pretrained: str | None) -> str:
     if quick_gelu_plan(name, pretrained):
         cfg["quick_gelu"] = True
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-    if pretrained and _is_path_like(pretrained):
+    if pretrained == OFFLINE_TAG:
+        from lada_core.mini_clip import RECIPES, verified, weights_path
+
+        meta = verified(weights_path(RECIPES[name]))
+        h.update(f"{OFFLINE_TAG}|{meta['sha256'] if meta else RECIPES[name].key()}".encode())
+    elif pretrained and _is_path_like(pretrained):
         with open(pretrained, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)

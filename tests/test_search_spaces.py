@@ -116,5 +116,6 @@ def test_lada_full_ranges() -> None:
 def test_lada_smoke_is_offline_and_small() -> None:
     space = get_space("lada_smoke")
     cfg = build_config(sample=dict(space.base))
-    assert cfg.backbone.pretrained is None and cfg.data.benchmark == "mini-tail"
-    assert cfg.data.shots is not None and cfg.data.shots <= 16 and cfg.optim.epochs is not None and cfg.optim.epochs <= 3
+    assert cfg.backbone.model == "lada-mini" and cfg.backbone.pretrained == "lada-offline" and cfg.data.benchmark == "mini-tail"
+    assert cfg.data.shots is not None and cfg.data.shots <= 16 and cfg.data.views == 0 and cfg.optim.epochs_scale <= 1.0
+    assert set(space.first_point) == {"lada.memory_size", "lada.distill_weight", "lada.gaussian_components"}

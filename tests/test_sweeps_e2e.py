@@ -86,7 +86,7 @@ def test_smoke_sweep_end_to_end(dirs: SweepDirs) -> None:
     import optuna
 
     study = optuna.load_study(study_name="smoke", storage=st["study_storage"])
-    assert study.trials[0].params == {"lada.memory_size": 16, "lada.distill_weight": 64.0, "optim.lr": 1e-3}, "paper defaults first"
+    assert study.trials[0].params == {"lada.memory_size": 16, "lada.distill_weight": 64.0, "lada.gaussian_components": 4}, "paper defaults first"
 
     runs = _mlflow_checks(dirs, "smoke", expect_finished=4)
     client = MlflowClient(dirs.mlflow_uri)
@@ -97,13 +97,13 @@ def test_smoke_sweep_end_to_end(dirs: SweepDirs) -> None:
     assert len(parent.data.tags.get("mlflow.source.git.commit", "")) == 40
     assert "best_average" in parent.data.metrics
     assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {r.data.params["optim.lr"] for r in runs} and all("lada.memory_size" in r.data.params for r in runs)
+    assert {r.data.params["lada.gaussian_components"] for r in runs} and all("lada.memory_size" in r.data.params for r in runs)
 
     best_yaml = dirs.folder("smoke") / "best_config.yaml"
     cfg = build_config(config_path=best_yaml)  # ready for lada-train --config
     best = s["best"]
-    assert cfg.optim.lr == pytest.approx(best["config"]["optim.lr"]) and cfg.lada.memory_size == best["config"]["lada.memory_size"]
-    assert cfg.backbone.model == "lada-tiny" and cfg.data.benchmark == "mini-tail"
+    assert cfg.lada.distill_weight == pytest.approx(best["config"]["lada.distill_weight"]) and cfg.lada.memory_size == best["config"]["lada.memory_size"]
+    assert cfg.backbone.model == "lada-mini" and cfg.backbone.pretrained == "lada-offline" and cfg.data.benchmark == "mini-tail"
     assert best["objective"] == pytest.approx(max(r["objective"] for r in s["rows"]))
 
     # The report reads the same sweep.
@@ -113,7 +113,7 @@ def test_smoke_sweep_end_to_end(dirs: SweepDirs) -> None:
     data = json.loads(rep.stdout)
     assert data["states"] == {"COMPLETE": 4} and len(data["top"]) == 4
     assert data["top"][0]["value"] == pytest.approx(best["objective"])
-    assert set(data["importances"]) == {"lada.memory_size", "lada.distill_weight", "optim.lr"}
+    assert set(data["importances"]) == {"lada.memory_size", "lada.distill_weight", "lada.gaussian_components"}
 
 
 def test_asha_stops_weak_trials_between_tasks(dirs: SweepDirs) -> None:

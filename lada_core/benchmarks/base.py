@@ -1,7 +1,7 @@
 """Task sequences as data.
 
 A :class:`Benchmark` is an ordered list of :class:`Task` objects. Each task is one dataset (X-TAIL) or
-one slice of a dataset (``mini-tail``) with its own class names; label spaces are disjoint and every
+one domain (``mini-tail``) with its own class names; label spaces are disjoint and every
 class gets a *global* index = the task's offset + its local label. Images are read lazily through an
 :class:`ImageSource`, so building a benchmark is cheap and only the cache extraction touches pixels.
 """

@@ -1,22 +1,46 @@
-"""``mini-tail``: a small X-TAIL-style benchmark that works offline on any machine.
+"""``mini-tail``: a small benchmark shaped like X-TAIL that works offline on any machine.
 
-Seven tasks with disjoint label spaces and classes named in words, evaluated over all 20 class
-names: Fashion-MNIST in five tasks of two classes in label order, then scikit-learn's bundled
-digits in two tasks (zero to four, five to nine). Fashion-MNIST is read from Debian's
-``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``), ``--data-root``, or the
-folder named by the environment variable ``LADA_FASHION_MNIST_DIR``.
+Like X-TAIL, every task is a whole domain with its own class names (60 in all), and every test image
+is scored against all class names of the benchmark, seen and unseen. Seven domains, in this order:
+
+===========  =======  =========================================================  ==================
+task         classes  images                                                     mini CLIP caption
+===========  =======  =========================================================  ==================
+textures     8        rendered: striped, chequered, dotted, ... (32 px)           not covered
+fashion      10       Fashion-MNIST (Debian's ``dataset-fashion-mnist``)          covered
+digits       10       scikit-learn's bundled 8 x 8 digits, named zero ... nine    not covered
+shapes       8        rendered: circle, square, triangle, star, ...               covered
+greek        10       rendered lower-case Greek letters (Debian's DejaVu fonts)   not covered
+chess        6        rendered chess pieces: king, queen, rook, ... (DejaVu)      not covered
+colours      8        rendered shapes in shades of red, orange, yellow, ...       covered
+===========  =======  =========================================================  ==================
+
+"Covered" domains are those the project's mini CLIP (``lada-mini``, :mod:`lada_core.mini_clip`) was
+pretrained on, on other images of the same kind: its zero-shot accuracy is well above chance there
+and near chance on the others, as real CLIP is strong on Food and weak on Aircraft.
+
+Every domain has train / val / test splits made once, with a fixed seed, disjoint: per class 100 train
+images (the pool the shots are drawn from; the whole pool is the full-shot setting), 30 validation and
+100 test images (scikit-learn's digits, ~180 per class: 60 test, 30 val, the rest train). The mini CLIP
+is pretrained on none of them: Fashion-MNIST's remaining training images and rendered images of other
+seeds. Each task's schedule is about :data:`STEPS_PER_TASK` optimiser steps at batch 64 (hundreds of
+steps, as on X-TAIL), whatever the shots. Fashion-MNIST is read from
+``/usr/share/datasets/fashion-mnist``, ``--data-root``, or ``$LADA_FASHION_MNIST_DIR``.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lada_core.benchmarks import register
-from lada_core.benchmarks.base import ArrayImages, Benchmark, DataError, Subset, Task, few_shot_indices
+from lada_core.benchmarks.base import ArrayImages, Benchmark, DataError, ImageSource, Subset, Task, few_shot_indices
 from lada_core.benchmarks.idx import read_idx
+from lada_core.benchmarks.render import CHESS, COLOURS, GREEK, SHAPES, TEXTURES, RenderedImages, balanced_labels
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
@@ -24,7 +48,29 @@ FASHION_CLASSES = [
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
 ]
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-EPOCHS = 5  # per task; the mini benchmark is easy
+DOMAINS: dict[str, list[str]] = {
+    "textures": TEXTURES,
+    "fashion": FASHION_CLASSES,
+    "digits": DIGIT_WORDS,
+    "shapes": SHAPES,
+    "greek": GREEK,
+    "chess": CHESS,
+    "colours": COLOURS,
+}
+"""The tasks in order, with their class names."""
+AUGMENT = {"textures": True, "fashion": True, "digits": False, "shapes": True, "greek": False, "chess": False, "colours": True}
+"""Augmented training views (crop + flip) as on X-TAIL; none for digits and glyphs (as MNIST)."""
+
+SPLIT_SEED = 0  # the train / val / test split of every domain (made once, never changes)
+TRAIN_PER_CLASS, VAL_PER_CLASS, TEST_PER_CLASS = 100, 30, 100
+DIGITS_VAL, DIGITS_TEST = 30, 60
+STEPS_PER_TASK = 240  # optimiser steps per task at batch 64 (the per-task epochs follow from it)
+BATCH = 64
+
+
+def task_epochs(n_train: int, steps: int = STEPS_PER_TASK, batch: int = BATCH) -> int:
+    """Epochs that give about ``steps`` optimiser steps over ``n_train`` images in batches of ``batch``."""
+    return max(1, int(round(steps / math.ceil(n_train / batch))))
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -56,73 +102,103 @@ def load_fashion_mnist(root: str | Path | None = None) -> dict[str, tuple[np.nda
     return out
 
 
-def load_digits_split(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """scikit-learn's bundled 8x8 digits, scaled to uint8 and split 70/30 per class (fixed seed)."""
+def _per_class_cut(labels: np.ndarray, counts: list[int | None], seed: int) -> list[np.ndarray]:
+    """Split the indices of every class, in a seeded random order, into consecutive parts of
+    ``counts`` images per class (None: the rest). Returns one sorted index array per part."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in counts]
+    for c in range(int(labels.max()) + 1):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        start = 0
+        for p, n in enumerate(counts):
+            stop = idx.size if n is None else start + n
+            if stop > idx.size:
+                raise DataError(f"class {c} has {idx.size} images, fewer than the {sum(x or 0 for x in counts)} the split needs")
+            parts[p].append(idx[start:stop])
+            start = stop
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+@dataclass(frozen=True)
+class FashionSplit:
+    """Indices into Fashion-MNIST's train and test files: mini-tail's train pool and val (train
+    file), its test (t10k file), and what is left of the train file (the mini CLIP's pretraining)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    pretrain: np.ndarray
+    test: np.ndarray
+
+
+def fashion_split(train_labels: np.ndarray, test_labels: np.ndarray) -> FashionSplit:
+    train, val, rest = _per_class_cut(train_labels, [TRAIN_PER_CLASS, VAL_PER_CLASS, None], SPLIT_SEED)
+    (test,) = _per_class_cut(test_labels, [TEST_PER_CLASS], SPLIT_SEED + 1)
+    return FashionSplit(train, val, rest, test)
+
+
+def load_digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's bundled 8x8 digits scaled to uint8, split per class (fixed seed): 60 test,
+    30 val, the rest (about 90) train."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)  # [1797, 8, 8]
     labels = d.target.astype(np.int64)
-    rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        cut = int(round(0.7 * idx.size))
-        train_idx.append(idx[:cut])
-        test_idx.append(idx[cut:])
-    tr, te = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
-    return {"train": (images[tr], labels[tr]), "test": (images[te], labels[te])}
+    test, val, train = _per_class_cut(labels, [DIGITS_TEST, DIGITS_VAL, None], SPLIT_SEED)
+    return {s: (images[i], labels[i]) for s, i in (("train", train), ("val", val), ("test", test))}
 
 
-class _LabelMap:
-    """Dataset label -> the task's local label (a picklable callable, for Ray)."""
-
-    def __init__(self, lut: np.ndarray) -> None:
-        self.lut = lut
-
-    def __call__(self, y: np.ndarray) -> np.ndarray:
-        return self.lut[y]
+def _arrays(data: dict[str, tuple[np.ndarray, np.ndarray]], origin: str) -> dict[str, ImageSource]:
+    return {s: ArrayImages(px, y, origin=f"{origin}:{s}") for s, (px, y) in data.items()}
 
 
-def _slice_tasks(
-    prefix: str, data: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], groups: list[list[int]],
-    shots: int | None, seed: int, origin: str, augment: bool,
-) -> list[Task]:
-    tasks = []
-    train = ArrayImages(data["train"][0], data["train"][1], origin=origin + ":train")
-    test = ArrayImages(data["test"][0], data["test"][1], origin=origin + ":test")
-    for i, group in enumerate(groups):
-        lut = np.full(len(names), -1, dtype=np.int64)
-        lut[group] = np.arange(len(group))
-        tr_idx = np.flatnonzero(np.isin(train.labels, group))
-        if shots is not None:
-            local = lut[train.labels[tr_idx]]
-            tr_idx = tr_idx[few_shot_indices(local, shots, seed + i, len(group))]
-        te_idx = np.flatnonzero(np.isin(test.labels, group))
-        tasks.append(
-            Task(
-                name=f"{prefix}-{i + 1}",
-                class_names=[names[c] for c in group],
-                train=Subset(train, tr_idx, label_map=_LabelMap(lut)),
-                test=Subset(test, te_idx, label_map=_LabelMap(lut)),
-                epochs=EPOCHS,
-                augment=augment,
-            )
+def _rendered(domain: str) -> dict[str, ImageSource]:
+    n = len(DOMAINS[domain])
+    sizes = {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS, "test": TEST_PER_CLASS}
+    return {
+        s: RenderedImages(domain, s, SPLIT_SEED, balanced_labels(n, per, seed=hash_seed(domain, s)))
+        for s, per in sizes.items()
+    }
+
+
+def hash_seed(*parts: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256("|".join(parts).encode()).digest()[:4], "little")
+
+
+def domain_splits(domain: str, data_root: str | None = None) -> dict[str, ImageSource]:
+    """``{"train", "val", "test"}`` image sources of one domain (local labels), disjoint."""
+    if domain == "fashion":
+        raw = load_fashion_mnist(data_root)
+        (xtr, ytr), (xte, yte) = raw["train"], raw["test"]
+        sp = fashion_split(ytr, yte)
+        return _arrays(
+            {"train": (xtr[sp.train], ytr[sp.train]), "val": (xtr[sp.val], ytr[sp.val]), "test": (xte[sp.test], yte[sp.test])},
+            "fashion-mnist",
         )
-    return tasks
+    if domain == "digits":
+        return _arrays(load_digits_split(), "sklearn-digits")
+    if domain in DOMAINS:
+        return _rendered(domain)
+    raise DataError(f"unknown mini-tail domain {domain!r} (valid: {', '.join(DOMAINS)})")
 
 
 @register("mini-tail")
 def mini_tail(data_root: str | None = None, shots: int | None = None, seed: int = 1, **_: object) -> Benchmark:
-    """mini-tail; the sampling and validation settings of X-TAIL (``sample_rule``, ``val_*``) do not apply."""
-    fashion = load_fashion_mnist(data_root)
-    digits = load_digits_split()
-    tasks = _slice_tasks(
-        "fashion", fashion, FASHION_CLASSES, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], shots, seed,
-        origin="fashion-mnist", augment=True,
-    )
-    tasks += _slice_tasks(
-        "digits", digits, DIGIT_WORDS, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], shots, seed,
-        origin="sklearn-digits", augment=False,
-    )
+    """The seven domains of the module docstring; ``shots`` training images per class are drawn from
+    each train pool with ``seed`` (None: the whole pool). The sampling and validation settings of
+    X-TAIL (``sample_rule``, ``val_*``) do not apply: mini-tail's splits are made once, seeded."""
+    tasks = []
+    for i, (domain, names) in enumerate(DOMAINS.items()):
+        sp = domain_splits(domain, data_root)
+        train = sp["train"]
+        if shots is not None:
+            train = Subset(train, few_shot_indices(np.asarray(train.labels), shots, seed + i, len(names)))
+        tasks.append(
+            Task(
+                name=domain, class_names=list(names), train=train, test=sp["test"], val=sp["val"],
+                epochs=task_epochs(len(train)), augment=AUGMENT[domain],
+            )
+        )
     return Benchmark("mini-tail", tasks, description=__doc__.splitlines()[0])

@@ -1,0 +1,161 @@
+"""mini-tail (six domains, each with train / val / test made once, seeded, disjoint) and the project's
+own mini CLIP (pretrained offline, deterministic, content-addressed; zero-shot above chance where its
+captions covered the domain; tasks learned on top of it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lada_core import mini_clip as MC
+from lada_core.benchmarks import Subset, get_benchmark
+from lada_core.benchmarks import mini_tail as MT
+from lada_core.benchmarks.render import RenderedImages
+
+
+def _hashes(src, n: int | None = None) -> set[str]:
+    count = len(src) if n is None else min(n, len(src))
+    if isinstance(src, RenderedImages):
+        return {hashlib.sha256(src.pixels_of(i).tobytes()).hexdigest() for i in range(count)}
+    return {hashlib.sha256(np.asarray(src.load(i)).tobytes()).hexdigest() for i in range(count)}
+
+
+def test_mini_tail_is_seven_domains_with_disjoint_names_and_val() -> None:
+    bench = get_benchmark("mini-tail", shots=16)
+    assert bench.task_names == list(MT.DOMAINS) == ["textures", "fashion", "digits", "shapes", "greek", "chess", "colours"]
+    names = bench.class_names
+    assert len(names) == len(set(names)) == 60
+    for task in bench.tasks:
+        assert task.val is not None and len(task.val) >= 30 * task.num_classes
+        assert len(task.test) >= 60 * task.num_classes
+        assert np.array_equal(task.class_counts(), np.full(task.num_classes, 16))
+        for src in (task.train, task.val, task.test):  # every class in every split
+            assert np.array_equal(np.unique(np.asarray(src.labels)), np.arange(task.num_classes))
+        # hundreds of optimiser steps per task at batch 64, as on X-TAIL
+        steps = task.epochs * -(-len(task.train) // 64)
+        assert 200 <= steps <= 300, (task.name, task.epochs, steps)
+    assert "val" in bench.spec()["tasks"][0]
+
+
+def test_splits_are_seeded_and_disjoint() -> None:
+    a, b = get_benchmark("mini-tail", shots=16), get_benchmark("mini-tail", shots=16)
+    assert a.spec() == b.spec()  # made once: the same on every build
+    other = get_benchmark("mini-tail", shots=16, seed=2)
+    for ta, to in zip(a.tasks, other.tasks):  # another sampling seed: other shots, same val and test
+        assert ta.val.fingerprint() == to.val.fingerprint() and ta.test.fingerprint() == to.test.fingerprint()
+        assert ta.train.fingerprint() != to.train.fingerprint()
+    full = get_benchmark("mini-tail", shots=None)
+    for t16, tfull in zip(a.tasks, full.tasks):  # shots are drawn from the full-shot train pool
+        assert isinstance(t16.train, Subset) and t16.train.base.fingerprint() == tfull.train.fingerprint()
+    for task in full.tasks:
+        n = 40 if isinstance(task.train, RenderedImages) else None  # rendered: a sample is enough
+        tr, va, te = _hashes(task.train, n), _hashes(task.val, n), _hashes(task.test, n)
+        assert not (tr & va) and not (tr & te) and not (va & te), task.name
+    # Fashion-MNIST: train pool and val from the train file, pretraining gets the rest, test from t10k
+    raw = MT.load_fashion_mnist()
+    sp = MT.fashion_split(raw["train"][1], raw["test"][1])
+    parts = [set(sp.train.tolist()), set(sp.val.tolist()), set(sp.pretrain.tolist())]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert len(parts[0] | parts[1] | parts[2]) == 60000 and len(sp.test) == 1000
+
+
+def test_pretraining_never_sees_mini_tail_images() -> None:
+    recipe = MC.with_steps(MC.DEFAULT_RECIPE, 1, fashion_images=3000, rendered_per_class=20)
+    data = MC.pretrain_data(recipe)
+    seen = {hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in data.images}
+    bench = get_benchmark("mini-tail", shots=None)
+    covered = [n for d in recipe.covered for n in MT.DOMAINS[d]]
+    assert sorted(data.class_names[i] for i in set(data.labels.tolist())) == sorted(covered)
+    for task in bench.tasks:
+        if task.name not in recipe.covered:
+            continue
+        for src in (task.train, task.val, task.test):
+            if isinstance(src, RenderedImages):
+                assert not (seen & _hashes(src, 60)), task.name
+            else:  # Fashion-MNIST: compare at the pretraining's 32 px, as it stores them
+                from PIL import Image
+
+                mine = {hashlib.sha256(np.asarray(src.load(i).resize((32, 32), Image.Resampling.BICUBIC)).tobytes()).hexdigest() for i in range(len(src))}
+                assert not (seen & mine), task.name
+
+
+TINY_RECIPE = MC.with_steps(MC.DEFAULT_RECIPE, 3, fashion_images=48, rendered_per_class=4, batch_size=16, warmup_steps=1)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_pretraining_is_deterministic_and_content_addressed(tmp_path: Path) -> None:
+    a = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path / "a", progress=False, log=lambda m: None)
+    b = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path / "b", progress=False, log=lambda m: None)
+    assert a.name == b.name == f"lada-mini-{TINY_RECIPE.key()}.pt"
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    meta = json.loads(a.with_suffix(".json").read_text())
+    assert meta["key"] == TINY_RECIPE.key() and meta["recipe"]["steps"] == 3
+    # a changed recipe is another file, with other weights
+    other = MC.with_steps(TINY_RECIPE, 3, seed=1)
+    c = MC.ensure_weights(recipe=other, root=tmp_path / "a", progress=False, log=lambda m: None)
+    assert c != a and c.parent == a.parent and not torch.equal(_state(c)["text_projection"], sa["text_projection"])
+    # found again: not retrained
+    mtime = a.stat().st_mtime_ns
+    assert MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path / "a", progress=False) == a and a.stat().st_mtime_ns == mtime
+    assert not list((tmp_path / "a").glob("*.tmp-*"))
+
+
+def test_a_truncated_weights_file_is_never_used(tmp_path: Path) -> None:
+    path = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path, progress=False, log=lambda m: None)
+    good = _state(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert MC.verified(path) is None
+    said: list[str] = []
+    again = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path, progress=False, log=said.append)
+    assert again == path and MC.verified(path) is not None and any("truncated" in m for m in said)
+    assert all(torch.equal(good[k], v) for k, v in _state(path).items())
+    path.with_suffix(".json").unlink()  # no sidecar: not trusted either
+    assert MC.verified(path) is None
+
+
+def test_offline_tag_is_for_the_packaged_mini_model_only() -> None:
+    from lada_core.backbone import BackboneError, check_model, check_weights_available
+
+    check_model("lada-mini", "lada-offline")
+    check_weights_available("lada-mini", "lada-offline")  # built on first use: nothing to fetch
+    with pytest.raises(BackboneError, match="lada-offline.*lada-mini only"):
+        check_model("lada-tiny", "lada-offline")
+
+
+@pytest.mark.slow
+def test_mini_clip_zero_shot_above_chance_where_pretrained(mini_clip) -> None:
+    """The X-TAIL rule before the first task (all 60 class names): well above chance on the domains
+    the captions covered, near chance on the others."""
+    bench = get_benchmark("mini-tail", shots=16)
+    zs = MC.zero_shot(mini_clip, bench)
+    print("\nzero-shot per task:", {k: round(v, 1) for k, v in zs.items()})
+    chance = 100.0 / len(bench.class_names)
+    covered = [zs[d] for d in MC.COVERED]
+    others = [v for k, v in zs.items() if k not in MC.COVERED]
+    assert min(covered) > 5 * chance and max(covered) < 95.0, zs  # above chance, not trivially solved
+    assert max(others) < min(covered), zs
+
+
+@pytest.mark.slow
+def test_a_task_is_learned_on_the_mini_clip(mini_clip_cache, mini_clip, tmp_path: Path) -> None:
+    """Two tasks with the benchmark's schedule and the paper's settings: each is learned well above
+    its zero-shot accuracy (the first one starts near chance)."""
+    from lada_core.trainer import run_continual
+
+    cfg, bundle = mini_clip_cache
+    two = type(bundle)(bundle.key, bundle.path, bundle.tasks[:2], bundle.template, bundle.embed_dim)
+    result = run_continual(cfg, two, tmp_path / "run", backbone=mini_clip, log=lambda m: None)
+    zs = MC.zero_shot(mini_clip, get_benchmark("mini-tail", shots=16))
+    print("\n", result.matrix, zs)
+    assert result.matrix[0, 0] > zs["textures"] + 30.0
+    assert result.matrix[1, 1] > zs["fashion"] + 5.0
