@@ -8,13 +8,16 @@ progress bar), then from a file.
 
 What it is pretrained on (:class:`Recipe`): Fashion-MNIST's training images that ``mini-tail`` does
 not use (neither its train pool nor its validation images; its test images come from the other file),
-and shapes and colours rendered from another seed than ``mini-tail``'s. Captions are ``a photo of a
-{class}.`` and three other templates. Every image is scored against the captions of all 60 class names
-of ``mini-tail`` (its image-to-caption cross-entropy): the names of the covered domains (fashion,
-shapes, colours) are learned as the captions of their images; the others (textures, digits, Greek
-letters, chess pieces) only ever appear as wrong captions, so the text tower has seen every word ``mini-tail`` asks
-it to score, yet knows nothing of what those words look like. Zero-shot accuracy is therefore well
-above chance on fashion, shapes and colours, and near chance on textures, digits, Greek letters and chess.
+and images rendered from another stream than ``mini-tail``'s (shapes, textures, Greek letters, chess
+pieces, colour swatches, and font-drawn digits reduced to 8 x 8 like scikit-learn's). Captions are
+``a photo of a {class}.`` and three other templates. Every image is scored against the captions of all
+60 class names of ``mini-tail`` (CLIP's image-to-caption cross-entropy). Covered domains (fashion,
+shapes) are learned class by class: an image's target is its class caption. The other domains (textures,
+digits, Greek letters, chess, colours) are learned at the level of the domain only: an image's target is
+every class caption of its domain alike. So the text tower knows every word it is asked to score and
+which kind of image it belongs to, but not which image is which class, as CLIP knows an aircraft but
+not its variant. Zero-shot accuracy is therefore well above chance on fashion and shapes, and near the
+chance of guessing within the domain on the others.
 
 Storage: ``<dir>/lada-mini-<recipe hash>.pt`` (an open_clip state dict) and a sidecar ``.json`` (its
 sha256 and size, the recipe, how long it took). ``<dir>`` is ``$LADA_MODEL_DIR``, else
@@ -50,10 +53,14 @@ from lada_core.backbone import OFFLINE_TAG  # noqa: F401  (re-exported: the tag 
 
 MODEL = "lada-mini"
 ENV_DIR = "LADA_MODEL_DIR"
-RECIPE_VERSION = 1
-COVERED = ("fashion", "shapes", "colours")
-"""The mini-tail domains whose images (other images of the same kind) and class names the mini CLIP
-is pretrained on; the others' class names appear only as wrong captions."""
+RECIPE_VERSION = 2
+COVERED = ("fashion", "shapes")
+"""The mini-tail domains whose classes the mini CLIP is pretrained on (other images of the same kind,
+each with its class caption). The other domains are pretrained on at the level of the domain only."""
+DOMAIN_ONLY = ("textures", "digits", "greek", "chess", "colours")
+"""Domains whose images (other images of the same kind) come with no class: their target is every
+class caption of the domain alike, so the model learns which captions belong to such an image's
+domain, not which one is its class (like CLIP, which knows an aircraft but not its variant)."""
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
 
 
@@ -67,14 +74,16 @@ class Recipe:
 
     model: str = MODEL
     seed: int = 0
-    steps: int = 350
+    steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 30
-    fashion_images: int = 20000  # drawn (seeded) from the Fashion-MNIST images mini-tail leaves out
-    rendered_per_class: int = 500  # shapes and colours, rendered from the "pretrain" stream
+    warmup_steps: int = 40
+    fashion_images: int = 6000  # drawn (seeded) from the Fashion-MNIST images mini-tail leaves out
+    rendered_per_class: int = 500  # rendered domains, from the "pretrain" stream (never a mini-tail image)
+    domain_only_per_class: int = 200  # images per class name of a domain-only domain
     covered: tuple[str, ...] = COVERED
+    domain_only: tuple[str, ...] = DOMAIN_ONLY
     templates: tuple[str, ...] = TEMPLATES
     shift: int = 2  # augmentation: random translation by up to this many pixels, and horizontal flips
     version: int = RECIPE_VERSION
@@ -138,7 +147,7 @@ def verified(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _publish_bytes(final: Path, write: Callable[[Path], None]) -> None:
+def _publish_bytes(final: Path, write: Callable[[Path], object]) -> None:
     tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         write(tmp)
@@ -212,13 +221,26 @@ def ensure_weights(
 @dataclass
 class PretrainData:
     images: np.ndarray  # [N, 32, 32, 3] uint8, already at the model's input size
-    labels: np.ndarray  # [N] int64, index into class_names
-    class_names: list[str]  # every mini-tail class name (covered ones have images)
-    covered: list[int] = field(default_factory=list)  # indices of the class names that have images
+    labels: np.ndarray  # [N] int64, index into class_names; -1 for a domain-only image
+    domains: np.ndarray  # [N] int64, index of the image's domain in DOMAINS
+    class_names: list[str]  # every mini-tail class name
+    domain_of_class: np.ndarray  # [C] int64
+    covered: list[int] = field(default_factory=list)  # indices of the class names learned with their images
+
+    def targets(self) -> torch.Tensor:
+        """[N, C] target distribution of every image: one-hot on its class, or uniform over the class
+        names of its domain (domain-only images)."""
+        c = len(self.class_names)
+        same = torch.from_numpy(self.domain_of_class[None, :] == self.domains[:, None]).float()  # [N, C]
+        uniform = same / same.sum(1, keepdim=True)
+        onehot = torch.zeros(len(self.labels), c)
+        known = torch.from_numpy(self.labels >= 0)
+        onehot[known, torch.from_numpy(self.labels[self.labels >= 0])] = 1.0
+        return torch.where(known[:, None], onehot, uniform)
 
 
 def pretrain_data(recipe: Recipe, size: int = 32) -> PretrainData:
-    """Images and labels of the recipe: none of them is a mini-tail train, val or test image."""
+    """Images and targets of the recipe: none of them is a mini-tail train, val or test image."""
     from PIL import Image
 
     from lada_core.benchmarks.mini_tail import DOMAINS, fashion_split, hash_seed, load_fashion_mnist
@@ -226,13 +248,25 @@ def pretrain_data(recipe: Recipe, size: int = 32) -> PretrainData:
 
     names: list[str] = []
     offsets: dict[str, int] = {}
-    for domain, cls in DOMAINS.items():
+    domain_of_class: list[int] = []
+    for d, (domain, cls) in enumerate(DOMAINS.items()):
         offsets[domain] = len(names)
         names += cls
+        domain_of_class += [d] * len(cls)
+    order = list(DOMAINS)
     rng = np.random.default_rng([recipe.seed, 1])
     images: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    domains: list[np.ndarray] = []
     covered: list[int] = []
+    for domain in recipe.domain_only:
+        if domain not in RENDERERS:
+            raise PretrainError(f"recipe has domain-only {domain!r}, which cannot be rendered")
+        n_cls = len(RENDERERS[domain][0])
+        y = balanced_labels(n_cls, recipe.domain_only_per_class, seed=hash_seed(domain, "pretrain", str(recipe.seed)))
+        images.append(RenderedImages(domain, "pretrain", recipe.seed, y).pixels())
+        labels.append(np.full(len(y), -1, dtype=np.int64))
+        domains.append(np.full(len(y), order.index(domain), dtype=np.int64))
     for domain in recipe.covered:
         if domain == "fashion":
             raw = load_fashion_mnist()
@@ -249,8 +283,11 @@ def pretrain_data(recipe: Recipe, size: int = 32) -> PretrainData:
             raise PretrainError(f"recipe covers {domain!r}, which has no pretraining images (fashion or a rendered domain)")
         images.append(px)
         labels.append(np.asarray(y, dtype=np.int64) + offsets[domain])
+        domains.append(np.full(len(y), order.index(domain), dtype=np.int64))
         covered += list(range(offsets[domain], offsets[domain] + len(DOMAINS[domain])))
-    return PretrainData(np.concatenate(images), np.concatenate(labels), names, sorted(covered))
+    return PretrainData(
+        np.concatenate(images), np.concatenate(labels), np.concatenate(domains), names, np.array(domain_of_class), sorted(covered)
+    )
 
 
 def _normalizer(backbone: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,9 +315,10 @@ def _augment(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
 def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
     """Train ``recipe.model`` from its seeded random init; returns its state dict.
 
-    Loss: for a batch of images x with class labels y, and the captions t_c = f_T(template(c)) of
-    all class names c (one template per step, in turn), the cross-entropy of the image-to-caption
-    logits ``s * cos(f_I(x), t_c)`` (s = exp(logit_scale), learned, at most 100) towards y: CLIP's
+    Loss: for a batch of images x and the captions t_c = f_T(template(c)) of all class names c (one
+    template per step, in turn), the cross-entropy of the image-to-caption logits
+    ``s * cos(f_I(x), t_c)`` (s = exp(logit_scale), learned, at most 100) towards each image's target
+    (its class caption; for a domain-only image, all class captions of its domain alike): CLIP's
     contrastive image-to-text loss where every caption of the batch is a class caption."""
     from tqdm import tqdm
 
@@ -297,7 +335,7 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
         mean, std = _normalizer(bb)
         tokens = torch.stack([bb.tokenizer([t.format(c) for c in data.class_names]) for t in recipe.templates])  # [T, C, ctx]
         images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W] uint8
-        labels = torch.from_numpy(data.labels)
+        targets = data.targets()  # [N, C]
         gen = torch.Generator().manual_seed(recipe.seed)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -327,7 +365,7 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
             img = model.encode_image(x, normalize=True)  # [B, D]
             txt = model.encode_text(tokens[step % len(recipe.templates)], normalize=True)  # [C, D]
             logits = model.logit_scale.exp() * img @ txt.t()  # [B, C]
-            loss = F.cross_entropy(logits, labels[idx])
+            loss = F.cross_entropy(logits, targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -65,14 +65,19 @@ def test_splits_are_seeded_and_disjoint() -> None:
 
 
 def test_pretraining_never_sees_mini_tail_images() -> None:
-    recipe = MC.with_steps(MC.DEFAULT_RECIPE, 1, fashion_images=3000, rendered_per_class=20)
+    recipe = MC.with_steps(MC.DEFAULT_RECIPE, 1, fashion_images=3000, rendered_per_class=20, domain_only_per_class=8)
     data = MC.pretrain_data(recipe)
     seen = {hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in data.images}
     bench = get_benchmark("mini-tail", shots=None)
     covered = [n for d in recipe.covered for n in MT.DOMAINS[d]]
-    assert sorted(data.class_names[i] for i in set(data.labels.tolist())) == sorted(covered)
+    assert sorted(data.class_names[i] for i in set(data.labels.tolist()) if i >= 0) == sorted(covered)
+    assert set(recipe.covered) | set(recipe.domain_only) == set(MT.DOMAINS)
+    targets = data.targets()  # domain-only images: every class caption of their domain alike
+    assert torch.allclose(targets.sum(1), torch.ones(len(targets)))
+    shares = {round(1 / len(MT.DOMAINS[d]), 5) for d in recipe.domain_only}
+    assert {round(v, 5) for v in targets[torch.from_numpy(data.labels < 0)].max(1).values.tolist()} <= shares
     for task in bench.tasks:
-        if task.name not in recipe.covered:
+        if task.name == "digits":  # scikit-learn's digits: the pretraining draws its own digits
             continue
         for src in (task.train, task.val, task.test):
             if isinstance(src, RenderedImages):

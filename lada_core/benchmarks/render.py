@@ -23,7 +23,7 @@ import numpy as np
 
 from lada_core.benchmarks.base import DataError
 
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 SIZE = 32  # output side (pixels)
 _SS = 4  # supersampling factor of the vector drawings
 
@@ -33,6 +33,7 @@ TEXTURES = ["striped", "chequered", "dotted", "zigzagged", "wavy", "grid", "spec
 GREEK = ["alpha", "beta", "gamma", "delta", "epsilon", "lambda", "pi", "sigma", "omega", "theta"]
 _GREEK_GLYPHS = "αβγδελπσωθ"
 CHESS = ["king", "queen", "rook", "bishop", "knight", "pawn"]
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _CHESS_GLYPHS = ("♔♚", "♕♛", "♖♜", "♗♝", "♘♞", "♙♟")  # outlined and solid
 # hue (degrees), saturation and value ranges of the colour classes (HSV)
 _COLOUR_HSV: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
@@ -66,7 +67,7 @@ def _finish(img: Any, rng: np.random.Generator, noise: float = 8.0) -> np.ndarra
     from PIL import Image
 
     small = img.resize((SIZE, SIZE), Image.Resampling.LANCZOS) if img.size[0] != SIZE else img
-    arr = np.asarray(small, dtype=np.float32)
+    arr = np.asarray(small, dtype=np.float64)
     arr = arr + rng.normal(0.0, noise, arr.shape)
     return np.clip(arr, 0, 255).astype(np.uint8)
 
@@ -137,12 +138,17 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 
 
 def render_colour(label: int, rng: np.random.Generator) -> np.ndarray:
-    """A random shape filled with a shade of ``COLOURS[label]`` on a grey background."""
+    """A paint swatch: the whole image in shades of ``COLOURS[label]`` (a smooth random shading of
+    its hue, saturation and value), with pixel noise."""
+    from PIL import Image
+
     (h0, h1), (s0, s1), (v0, v1) = _COLOUR_HSV[COLOURS[label]]
-    fill = _hsv_to_rgb(rng.uniform(h0, h1), rng.uniform(s0, s1), rng.uniform(v0, v1))
-    bg = np.full(3, rng.choice([rng.uniform(10, 60), rng.uniform(190, 245)]))
-    kind = SHAPES[int(rng.integers(len(SHAPES)))]
-    return _shape_canvas(rng, kind, fill, bg)
+    centre = np.array([rng.uniform(h0, h1), rng.uniform(s0, s1), rng.uniform(v0, v1)])
+    shade = np.asarray(Image.fromarray(rng.normal(size=(3, 3)).astype(np.float32), mode="F").resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+    v = np.clip(centre[2] + 0.12 * shade, 0.0, 1.0)  # [SIZE, SIZE]
+    rgb = _hsv_to_rgb(centre[0], centre[1], 1.0)  # [3] at full value
+    arr = rgb[None, None, :] * v[..., None]
+    return _finish(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), rng, noise=10.0)
 
 
 def render_texture(label: int, rng: np.random.Generator) -> np.ndarray:
@@ -226,6 +232,16 @@ def render_greek(label: int, rng: np.random.Generator) -> np.ndarray:
     return _render_glyph(_GREEK_GLYPHS[label], font_paths(), rng, (0.55, 0.8))
 
 
+def render_digit(label: int, rng: np.random.Generator) -> np.ndarray:
+    """The digit ``label`` drawn in a DejaVu face, then reduced to 8 x 8 and enlarged again, like
+    scikit-learn's digits (for the mini CLIP's pretraining only: mini-tail uses the real digits)."""
+    from PIL import Image
+
+    img = Image.fromarray(_render_glyph(str(label), font_paths(), rng, (0.7, 0.95))).convert("L")
+    small = img.resize((8, 8), Image.Resampling.BOX).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(small.convert("RGB"))
+
+
 def render_chess(label: int, rng: np.random.Generator) -> np.ndarray:
     """The chess piece ``CHESS[label]`` (outlined or solid) in a DejaVu Sans face."""
     fonts = tuple(p for p in font_paths() if "Sans" in p.name) or font_paths()
@@ -238,6 +254,7 @@ RENDERERS: dict[str, tuple[list[str], Callable[[int, np.random.Generator], np.nd
     "textures": (TEXTURES, render_texture),
     "greek": (GREEK, render_greek),
     "chess": (CHESS, render_chess),
+    "digits": (DIGITS, render_digit),  # pretraining only (mini-tail's digits are scikit-learn's)
 }
 """domain -> (class names, renderer of one image)."""
 
@@ -270,7 +287,7 @@ class RenderedImages:
     _fp: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.domain in ("greek", "chess"):
+        if self.domain in ("greek", "chess", "digits"):
             font_paths()  # fail at build time, with the package to install
 
     def __len__(self) -> int:
@@ -292,7 +309,7 @@ class RenderedImages:
         if not self._fp:
             h = hashlib.sha256(f"render-v{RENDER_VERSION}|{self.domain}|{self.stream}|{self.seed}".encode())
             h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
-            if self.domain in ("greek", "chess"):  # the glyphs depend on the font files
+            if self.domain in ("greek", "chess", "digits"):  # the glyphs depend on the font files
                 for p in font_paths():
                     h.update(f"{p.name}:{p.stat().st_size}".encode())
             self._fp = h.hexdigest()[:16]
