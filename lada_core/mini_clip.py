@@ -3,7 +3,7 @@
 ``backbone.model=lada-mini`` with ``backbone.pretrained=lada-offline`` loads the packaged open_clip
 config ``lada_core/data/models/lada-mini.json`` (image 32, patch 4, width 64, 2 + 2 layers, context
 16, 3.4 M parameters) with weights that this module trains itself, contrastively, on image-caption
-pairs of offline data: the first time they are asked for (about two minutes on 2 CPU cores, with a
+pairs of offline data: the first time they are asked for (about three minutes on 2 CPU cores, with a
 progress bar), then from a file.
 
 What it is pretrained on (:class:`Recipe`): Fashion-MNIST's training images that ``mini-tail`` does
@@ -199,7 +199,7 @@ def ensure_weights(
             return path
         if path.exists():
             log(f"{path} does not match its sidecar (truncated or altered): pretraining it again")
-        log(f"pretraining the mini CLIP {recipe.model} (once per machine; about 2 minutes on 2 CPU cores) -> {path}")
+        log(f"pretraining the mini CLIP {recipe.model} (once per machine; about 3 minutes on 2 CPU cores) -> {path}")
         t0, c0 = time.time(), time.process_time()
         state = pretrain(recipe, progress=progress)
         seconds, cpu_seconds = time.time() - t0, time.process_time() - c0

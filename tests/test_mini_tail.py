@@ -1,4 +1,4 @@
-"""mini-tail (six domains, each with train / val / test made once, seeded, disjoint) and the project's
+"""mini-tail (seven domains, each with train / val / test made once, seeded, disjoint) and the project's
 own mini CLIP (pretrained offline, deterministic, content-addressed; zero-shot above chance where its
 captions covered the domain; tasks learned on top of it)."""
 
