@@ -61,17 +61,22 @@ def sweep_argv(args: argparse.Namespace, work: Path) -> list[str]:
     return argv + (["--no-reuse-actors"] if args.no_reuse_actors else [])
 
 
-def run(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], float]:
+def _launch(cmd: list[str], work: Path, what: str) -> tuple[subprocess.CompletedProcess[str], list[dict], float]:
+    """Run one sweep process with per-trial timings on; its result, the timing records and its wall time."""
     timings = work / "timings"
-    cmd = [sys.executable, "-m", "sweeps.run", *sweep_argv(args, work)]
     env = dict(os.environ, LADA_TRIAL_TIMINGS=str(timings), RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
     t0 = time.time()
     res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     wall = time.time() - t0
     if res.returncode != 0:
-        sys.exit(f"the sweep failed ({res.returncode}):\n{res.stderr[-4000:]}")
-    summary = json.loads((work / "results" / "overhead" / "summary.json").read_text())
+        sys.exit(f"{what} failed ({res.returncode}):\n{res.stderr[-4000:]}")
     records = [json.loads(line) for f in sorted(timings.glob("*.jsonl")) for line in f.read_text().splitlines() if line.strip()]
+    return res, records, wall
+
+
+def run(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], float]:
+    _, records, wall = _launch([sys.executable, "-m", "sweeps.run", *sweep_argv(args, work)], work, "the sweep")
+    summary = json.loads((work / "results" / "overhead" / "summary.json").read_text())
     return summary, records, wall
 
 
@@ -205,17 +210,9 @@ def stock_driver(argv: list[str]) -> int:
 
 
 def run_stock(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], float]:
-    timings = work / "timings"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stock-driver", *sweep_argv(args, work)]
-    env = dict(os.environ, LADA_TRIAL_TIMINGS=str(timings), RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
-    t0 = time.time()
-    res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
-    if res.returncode != 0:
-        sys.exit(f"the stock sweep failed ({res.returncode}):\n{res.stderr[-4000:]}")
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
-    records = [json.loads(line) for f in sorted(timings.glob("*.jsonl")) for line in f.read_text().splitlines() if line.strip()]
-    return summary, records, wall
+    res, records, wall = _launch(cmd, work, "the stock sweep")
+    return json.loads(res.stdout.strip().splitlines()[-1]), records, wall
 
 
 def side_by_side(ours: tuple[dict, list[dict], float], stock: tuple[dict, list[dict], float]) -> None:
