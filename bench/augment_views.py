@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -69,17 +70,15 @@ def run(cfg: Any, bb: Any, work: Path, seeds: list[int], exact: bool = False) ->
 
     sums: dict[str, list[float]] = {"transfer": [], "average": [], "last": []}
     seconds = []
-    bundle = None
-    if not exact:
+    bundle = bench = None
+    if exact:
+        bench = benchmark_for(cfg.data)
+    else:
         bundle = load_bundle(ensure_cache(cfg, progress=False, backbone=bb, log=lambda m: None).path)
     for seed in seeds:
         scfg = build_config(overrides=[f"train.seed={seed}", *(["data.exact=true"] if exact else [])], base=cfg)
-        source = None
-        if exact:
-            bench = benchmark_for(cfg.data)
-            import torch
-
-            source = ExactSource(bench, bb, torch.device("cpu"), cfg.data.encode_batch_size)
+        # exact: a fresh source per run, so that each run pays its own encoding, as an exact trial does
+        source = ExactSource(bench, bb, torch.device("cpu"), cfg.data.encode_batch_size) if bench is not None else None
         t0 = time.perf_counter()
         r = run_continual(scfg, bundle, work / f"{'exact' if exact else cfg.data.views}-{seed}", backbone=bb, source=source, log=lambda m: None)
         seconds.append(time.perf_counter() - t0)

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from lada_core.config import _line
+
 RANDOM_INIT_SEED = 0
 
 
@@ -350,11 +352,6 @@ def _load_torchscript_weights(model: Any, path: str, device: str | torch.device)
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise BackboneError(f"{path} does not fit {type(model).__name__}: {what}")
     model.to(device)
-
-
-def _line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager
