@@ -21,7 +21,9 @@ How each gap is closed (the parts that need a store live with it, named here):
   (``task_index`` history), Optuna ignores a repeated step.
 - A restored searcher reconciles its study with the trials Tune restores (:func:`expect_tune_trials`
   before ``Tuner.restore``; :meth:`sweeps.search.LadaSearcher.fail_orphans`): a trial asked by a
-  killed driver and owned by no Tune trial is failed, an enqueued point among them enqueued again.
+  killed driver and owned by no Tune trial is failed, an enqueued point among them enqueued again;
+  the searcher's trial budget and its live trials (it holds the concurrency limit, not Tune's
+  ``ConcurrencyLimiter``) are those Tune restores, so an older searcher state cannot stall the search.
 - MLflow: runs of trials a killed driver never saved are closed KILLED
   (:func:`sweeps.tracking.close_orphans`); runs of trials that ended before the kill are closed with
   their outcome (:class:`sweeps.tracking.MlflowTracker`); the final checkpoint logged is the newest
@@ -35,7 +37,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +45,24 @@ from ray.tune import Callback
 
 from sweeps import ray_compat
 
-_expected: set[str] | None = None  # set by the driver before Tuner.restore (expect_tune_trials)
+_expected: dict[str, str] | None = None  # set by the driver before Tuner.restore (expect_tune_trials)
 
 
-def expect_tune_trials(trial_ids: Iterable[str] | None) -> None:
-    """The trial ids of the experiment state a ``Tuner.restore`` is about to load (None: unknown). The
-    restored searcher (unpickled by Tune, in this process) reconciles the study with them."""
+def expect_tune_trials(trials: Mapping[str, str] | None) -> None:
+    """The trials (id -> Tune status) of the experiment state a ``Tuner.restore`` is about to load
+    (None: unknown). The restored searcher (unpickled by Tune, in this process) reconciles the study,
+    its trial budget and its count of live trials with them."""
     global _expected
-    _expected = None if trial_ids is None else set(trial_ids)
+    _expected = None if trials is None else dict(trials)
 
 
-def expected_tune_trials() -> set[str] | None:
-    return None if _expected is None else set(_expected)
+def expected_tune_trials() -> dict[str, str] | None:
+    return None if _expected is None else dict(_expected)
 
 
-def saved_tune_trials(folder: str | Path) -> set[str] | None:
-    """The trial ids of the experiment state ``Tuner.restore`` loads from a local sweep folder
-    (None: unknown). Reads Tune's file format: :func:`sweeps.ray_compat.saved_tune_trials`."""
+def saved_tune_trials(folder: str | Path) -> dict[str, str] | None:
+    """The trials (id -> Tune status) of the experiment state ``Tuner.restore`` loads from a local
+    sweep folder (None: unknown). Reads Tune's file format: :func:`sweeps.ray_compat.saved_tune_trials`."""
     return ray_compat.saved_tune_trials(folder)
 
 

@@ -163,7 +163,8 @@ def _assemble(plan: SweepPlan, started: _Started) -> _Parts:
 
     s, opts = started.settings, plan.options
     searcher = LadaSearcher(plan.space.fn, metric=OBJECTIVE, mode=s.mode, points_to_evaluate=list(plan.points),
-                                sampler=make_sampler(s.seed), study_name=s.name, storage=s.study_storage)
+                            sampler=make_sampler(s.seed), study_name=s.name, storage=s.study_storage,
+                            num_samples=s.num_samples)
     scheduler = _scheduler(s)
     tracker = MlflowTracker(s.mlflow_uri, started.exp_id, started.parent, sweep_name=s.name, spec=started.spec,
                             extra_tags={"lada.space": s.space})

@@ -9,6 +9,13 @@ that reached its last task COMPLETE. Points to evaluate are enqueued once (``enq
 ``skip_if_exists``). The study lives in an Optuna storage next to the sweep's results, so
 ``--resume`` continues it with its history, and another process (``sweeps/report.py``) can read it
 while the sweep runs.
+
+The searcher also keeps the trial budget (``num_samples``) and the limit on concurrent trials
+(``Searcher.set_max_concurrency``, so Tune's ``ConcurrencyLimiter`` passes suggestions through). Tune
+saves its experiment state and the searcher's state (with its wrappers') as separate files, and a
+full disk or a killed driver can leave one older than the other; a ``ConcurrencyLimiter`` restored
+with a trial live that Tune restores as finished never suggests again and the sweep waits forever.
+Here both counts are set from the trials Tune restores (:meth:`LadaSearcher.restore`).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class LadaSearcher(Searcher):
         sampler: optuna.samplers.BaseSampler | None = None,
         study_name: str | None = None,
         storage: str | optuna.storages.BaseStorage | None = None,
+        num_samples: int | None = None,
     ) -> None:
         super().__init__(metric=metric, mode=mode)
         self.space = space
@@ -57,8 +65,27 @@ class LadaSearcher(Searcher):
             self.study.enqueue_trial(dict(point), skip_if_exists=True)
         self._trials: dict[str, optuna.trial.Trial | int] = {}  # Tune trial id -> its Optuna trial (or number)
         self._ended: set[str] = set()
+        self.num_samples = num_samples  # None: Tune's own count ends the search
+        self.max_concurrent = 0  # 0: no limit (set by Tune through set_max_concurrency)
+        self._given: set[str] = set()  # Tune trials this sweep's budget has given a configuration
+        self._live: set[str] = set()  # those Tune has not ended
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled by ``Tuner.restore``: a searcher pickled before the budget was kept here gets it."""
+        given = set(state.get("_trials", ()))
+        defaults = {"num_samples": None, "max_concurrent": 0, "_given": given, "_live": given - set(state.get("_ended", ()))}
+        self.__dict__.update({**defaults, **state})
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self.max_concurrent = max_concurrent
+        return True
 
     def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._given:
+            if self.num_samples is not None and len(self._given) >= self.num_samples:
+                return Searcher.FINISHED  # type: ignore[return-value]  # Tune's end-of-search sentinel (a str)
+            if self.max_concurrent and len(self._live) >= self.max_concurrent:
+                return None  # Tune asks again when a trial ends
         try:
             trial = self._trials.get(trial_id)
             if not isinstance(trial, optuna.trial.Trial):
@@ -77,6 +104,8 @@ class LadaSearcher(Searcher):
                 raise
             report_failure(exc, self.storage_file)
             raise StorageError(f"{found} (the Optuna study)") from exc
+        self._given.add(trial_id)
+        self._live.add(trial_id)
         return {**trial.params, **(returned or {})}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -99,6 +128,7 @@ class LadaSearcher(Searcher):
         return state, float(result[metric]) if state == TrialState.COMPLETE and result else None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._live.discard(trial_id)
         trial = self._trials.get(trial_id)
         if trial is None or trial_id in self._ended:
             return
@@ -114,15 +144,24 @@ class LadaSearcher(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
-            pickle.dump({"trials": self._trials, "ended": self._ended}, f)
+            pickle.dump({"trials": self._trials, "ended": self._ended, "given": self._given, "live": self._live}, f)
 
     def restore(self, checkpoint_path: str) -> None:
+        """Load the saved state, then take the trials Tune restores as the truth: the study's trials
+        are reconciled with them (:meth:`fail_orphans`), the budget counts them, and the live ones
+        are those Tune runs again (all but TERMINATED; errored ones are resumed too)."""
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)
         self._trials, self._ended = dict(state["trials"]), set(state["ended"])
+        self._given = set(state.get("given", self._trials))
+        self._live = set(state.get("live", set(self._trials) - self._ended))
         from sweeps.recovery import expected_tune_trials
 
-        self.fail_orphans(expected_tune_trials())
+        tune_trials = expected_tune_trials()
+        self.fail_orphans(tune_trials)
+        if tune_trials is not None:
+            self._given = set(tune_trials)
+            self._live = {tid for tid, status in tune_trials.items() if status != "TERMINATED"}
 
     def _number(self, trial: optuna.trial.Trial | int) -> int:
         return trial if isinstance(trial, int) else trial.number

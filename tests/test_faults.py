@@ -400,23 +400,23 @@ AFTER_IMPORT = textwrap.dedent('''
 ''')
 
 DELAY = textwrap.dedent('''
-    # Test hook (tests/test_faults.py): with LADA_TEST_DELAY_SUGGEST set, the driver's searcher waits
-    # that many seconds before it asks Optuna for the second trial, so the disk is full by then: the
+    # Test hook (tests/test_faults.py): with LADA_TEST_DELAY_SUGGEST set, the driver waits that many
+    # seconds before it asks Optuna (Study.ask) for the second trial, so the disk is full by then: the
     # failure meets the study database (sqlite), not a trial's write.
     if os.environ.get("LADA_TEST_DELAY_SUGGEST"):
         import time
 
-        def _delay_second_suggest(module):
-            cls, calls = module.LadaSearcher, []
-            suggest = cls.suggest
+        def _delay_second_ask(module):
+            study_cls, calls = module.optuna.Study, []
+            ask = study_cls.ask
 
-            def delayed(self, trial_id):
-                calls.append(trial_id)
+            def delayed(self, *args, **kwargs):
+                calls.append(1)
                 if len(calls) == 2:
                     time.sleep(float(os.environ["LADA_TEST_DELAY_SUGGEST"]))
-                return suggest(self, trial_id)
-            cls.suggest = delayed
-        _after_import("sweeps.search", _delay_second_suggest)
+                return ask(self, *args, **kwargs)
+            study_cls.ask = delayed
+        _after_import("sweeps.search", _delay_second_ask)
 ''')
 
 DIE_AFTER_LAST = textwrap.dedent('''

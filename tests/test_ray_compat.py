@@ -202,7 +202,7 @@ def test_experiment_state_contract(tmp_path: Path) -> None:
     for i, kept in enumerate((trials[:1], trials)):
         name = TuneController.CKPT_FILE_TMPL.format(f"2026-01-0{i + 1}_00-00-00")
         (tmp_path / name).write_text(json.dumps({"trial_data": [list(t.get_json_state()) for t in kept]}, default=str))
-    assert ray_compat.saved_tune_trials(tmp_path) == {t.trial_id for t in trials}
+    assert ray_compat.saved_tune_trials(tmp_path) == {t.trial_id: t.status for t in trials}
     assert ray_compat.saved_tune_trials(tmp_path / "nothing-here") is None
 
 

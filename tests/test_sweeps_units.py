@@ -302,7 +302,7 @@ def test_restored_searcher_reconciles_with_the_trials_tune_restores(tmp_path: Pa
     trial_data = [[json.dumps({"trial_id": tid, "status": "RUNNING"}), "{}"] for tid in ("t0", "t1")]
     (folder / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": [trial_data[0]]}))
     (folder / "experiment_state-2026-01-02_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
-    assert saved_tune_trials(folder) == {"t0", "t1"}, "the newest experiment state"
+    assert saved_tune_trials(folder) == {"t0": "RUNNING", "t1": "RUNNING"}, "the newest experiment state"
     assert saved_tune_trials(tmp_path / "nothing-here") is None
 
     try:
@@ -322,13 +322,57 @@ def test_restored_searcher_reconciles_with_the_trials_tune_restores(tmp_path: Pa
         b.suggest("u0")
         b.suggest("u1")
         b.save(str(tmp_path / "b-state.pkl"))
-        expect_tune_trials({"u0"})
+        expect_tune_trials({"u0": "RUNNING"})
         rb = _searcher(url, "b")
         rb.restore(str(tmp_path / "b-state.pkl"))
         states = {t.user_attrs["ray_trial_id"]: t.state for t in rb.study.get_trials()}
         assert states == {"u0": TrialState.RUNNING, "u1": TrialState.FAIL}
         rb.on_trial_complete("u0", {OBJECTIVE: 30.0, TASKS_DONE: 3, NUM_TASKS: 3})
         assert rb.study.get_trials()[0].state == TrialState.COMPLETE
+    finally:
+        expect_tune_trials(None)
+
+
+def test_restored_search_ends_when_its_searcher_state_is_older_than_tunes(tmp_path: Path) -> None:
+    """Tune's own search loop (SearchGenerator, ConcurrencyLimiter) saving and restoring a sweep of 2
+    trials, 1 at a time. The searcher's files on disk were saved while t0 ran; Tune's experiment state
+    is newer (t0 TERMINATED, t1 running): a full disk cut the upload after the experiment state.
+    Restored, t1 runs again and ends; the search must then be finished. With Tune's limiter holding
+    the concurrency, t0 stayed live forever: no suggestion, no end, the sweep hung (CI, stop 13)."""
+    from ray.tune.experiment import Experiment
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+
+    from sweeps.recovery import expect_tune_trials
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def search() -> Any:
+        s = _searcher(url)
+        s.num_samples = 2
+        g = SearchGenerator(ConcurrencyLimiter(s, max_concurrent=1))
+        g.set_search_properties(OBJECTIVE, "max", {})
+        g.add_configurations([Experiment("x", run=lambda config: None, num_samples=2, storage_path=str(tmp_path))])
+        return g
+
+    done = {OBJECTIVE: 50.0, TASKS_DONE: 3, NUM_TASKS: 3}
+    g = search()
+    t0 = g.next_trial()
+    assert t0 is not None and g.next_trial() is None, "one at a time"
+    (tmp_path / "saved").mkdir()
+    g.save_to_dir(str(tmp_path / "saved"), "s")  # the searcher's files the driver leaves on disk
+    g.on_trial_complete(t0.trial_id, done)
+    t1 = g.next_trial()
+    assert t1 is not None and g.next_trial() is None
+
+    try:
+        expect_tune_trials({t0.trial_id: "TERMINATED", t1.trial_id: "RUNNING"})
+        r = search()
+        r.restore_from_dir(str(tmp_path / "saved"))
+        assert r.next_trial() is None, "t1 runs again: no third trial meanwhile"
+        r.on_trial_complete(t1.trial_id, {OBJECTIVE: 60.0, TASKS_DONE: 3, NUM_TASKS: 3})
+        assert r.next_trial() is None and r.is_finished(), "both trials of the budget ended"
+        by_id = {t.user_attrs["ray_trial_id"]: t.state for t in r.searcher.searcher.study.get_trials()}
+        assert by_id == {t0.trial_id: TrialState.COMPLETE, t1.trial_id: TrialState.COMPLETE}
     finally:
         expect_tune_trials(None)
 
@@ -703,6 +747,7 @@ def _run_trial(monkeypatch: pytest.MonkeyPatch, fake: _FakeTune, spec: TrialSpec
     monkeypatch.setattr(tune, "report", fake.report)
     monkeypatch.setattr(tune, "get_context", Context)
     monkeypatch.setattr(ray, "get_runtime_context", Context)
+    monkeypatch.setattr(ray, "get_gpu_ids", list)  # outside a worker the real one starts a local Ray
     lada_trainable({}, spec)
     return [r[M.TASK_INDEX] for r, _ in fake.reports]
 

@@ -135,9 +135,10 @@ def apply_runtime_overrides(tuner: Any, max_concurrent: int, time_budget_s: floa
 
 
 # -- experiment_state ----------------------------------------------------------------------------
-def saved_tune_trials(folder: str | Path) -> set[str] | None:
-    """The trial ids in the newest ``experiment_state-*.json`` of a local sweep folder (the one
-    ``Tuner.restore`` loads); None when there is none, it cannot be read, or the touch is refused."""
+def saved_tune_trials(folder: str | Path) -> dict[str, str] | None:
+    """The trials in the newest ``experiment_state-*.json`` of a local sweep folder (the one
+    ``Tuner.restore`` loads), as trial id -> Tune status (``TERMINATED``, ``ERROR``, ``RUNNING``...);
+    None when there is none, it cannot be read, or the touch is refused."""
     if not active("experiment_state"):
         return None
     states = sorted(Path(folder).glob("experiment_state-*.json"))
@@ -145,10 +146,11 @@ def saved_tune_trials(folder: str | Path) -> set[str] | None:
         return None
     try:
         data = json.loads(states[-1].read_text())
-        out = set()
+        out = {}
         for entry in data["trial_data"]:
             state = entry[0]
-            out.add(str((json.loads(state) if isinstance(state, str) else state)["trial_id"]))
+            state = json.loads(state) if isinstance(state, str) else state
+            out[str(state["trial_id"])] = str(state["status"])
         return out
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
