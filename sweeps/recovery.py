@@ -12,13 +12,12 @@ How each gap is closed (the parts that need a store live with it, named here):
   starts from its newest complete stored checkpoint (:func:`newest_stored_checkpoint`,
   :func:`resume_point`), and reports the steps Tune's state lacks again without training them,
   marked ``replayed=1`` (:mod:`sweeps.trainable`).
-- A step this driver already holds is not reported again: the result ledger
-  (``<sweep>/.recorded/<trial>.json``, :class:`ResultLedger`, keyed by :data:`DRIVER_SESSION`) says
-  which step the driver recorded; Tune may have recorded a result whose checkpoint it never fetched.
-  Needs a results folder the trial can read: on a cloud URI, or a node without the shared folder,
-  the step is reported again, marked ``replayed=1`` - Ray's ``result.json`` is then at-least-once
-  and :func:`sweeps.results.read_results` de-duplicates it, MLflow skips steps it has
-  (``task_index`` history), Optuna ignores a repeated step.
+- Exactly once is the readers' rule, not Ray's: a replayed step may already be in Ray's
+  ``result.json`` (Tune took the result, then lost the worker before it fetched that result's
+  checkpoint; or the driver restarted after it), so ``result.json`` is at-least-once.
+  :func:`sweeps.results.read_results` keeps each step's first report, the MLflow callback skips steps
+  its run has (``task_index`` history), the Optuna study ignores a repeated step. This holds the same
+  on a local folder, a shared one and a cloud URI.
 - A restored searcher reconciles its study with the trials Tune restores (:func:`expect_tune_trials`
   before ``Tuner.restore``; :meth:`sweeps.search.LadaSearcher.fail_orphans`): a trial asked by a
   killed driver and owned by no Tune trial is failed, an enqueued point among them enqueued again;
@@ -33,15 +32,9 @@ How each gap is closed (the parts that need a store live with it, named here):
 from __future__ import annotations
 
 import json
-import logging
-import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from ray.tune import Callback
 
 from sweeps import ray_compat
 
@@ -64,58 +57,6 @@ def saved_tune_trials(folder: str | Path) -> dict[str, str] | None:
     """The trials (id -> Tune status) of the experiment state ``Tuner.restore`` loads from a local
     sweep folder (None: unknown). Reads Tune's file format: :func:`sweeps.ray_compat.saved_tune_trials`."""
     return ray_compat.saved_tune_trials(folder)
-
-
-DRIVER_SESSION = uuid.uuid4().hex
-"""This driver process, as :class:`ResultLedger` writes it and its trials' ``TrialSpec`` carries it."""
-RECORDED_DIR = ".recorded"
-
-
-def recorded_file(folder: str | Path, trial_id: str) -> Path:
-    return Path(folder) / RECORDED_DIR / f"{trial_id}.json"
-
-
-def recorded_step(folder: str | Path | None, trial_id: str, session: str | None) -> int:
-    """The last task step the driver ``session`` recorded for the trial, from its ledger file; -1 when
-    there is none, it is another driver's (a restarted driver lost what its predecessor recorded
-    after its last saved state) or it cannot be read."""
-    if not folder or not session:
-        return -1
-    try:
-        entry = json.loads(recorded_file(folder, trial_id).read_text())
-        return int(entry["step"]) if entry.get("session") == session else -1
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
-
-
-class ResultLedger(Callback):
-    """Driver-side: after every task step Tune records, ``<folder>/.recorded/<trial id>.json`` says
-    which step this driver (:data:`DRIVER_SESSION`) holds, written to a temporary name and renamed.
-
-    Tune records a result, then fetches the checkpoint that came with it in a second call to the
-    trial's actor; a worker (or its node) lost between the two leaves Tune with the previous task's
-    checkpoint. The trial, restored from that one, finds the newer checkpoint in the sweep's folder
-    and would report its step again (a duplicate step in Ray's results); the ledger tells it this
-    driver already has that step. A trial that cannot read the folder (a worker node without the
-    shared filesystem) reports the step again, as without the ledger. A failed write is ignored (a
-    full disk is :class:`StorageGuard`'s business)."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
-        from lada_core import metrics as M
-
-        if M.TASK_INDEX not in result:
-            return
-        path = recorded_file(self.folder, trial.trial_id)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"session": DRIVER_SESSION, "step": int(result[M.TASK_INDEX])}))
-            os.replace(tmp, path)
-        except OSError as exc:
-            logging.getLogger(__name__).debug("result ledger not written for %s: %s", trial.trial_id, exc)
 
 
 def _task_index(folder: Path) -> int:
@@ -166,18 +107,18 @@ def newest_stored_checkpoint(results_dir: str | None, trial_id: str, newer_than:
     return None
 
 
-def resume_point(workdir: Path, results_dir: str | None, trial_id: str, session: str | None) -> int:
+def resume_point(workdir: Path, results_dir: str | None, trial_id: str) -> int:
     """Put the trial's newest complete stored checkpoint in ``workdir`` when it is newer than the one
-    Tune restored there; returns the last step this driver already holds (Tune's checkpoint, or the
-    ledger's newer step: the worker was lost after Tune took a result but before it fetched that
-    result's checkpoint). Steps after it are reported; steps up to it are not."""
+    Tune restored there; returns the last step of Tune's checkpoint. Steps after it are reported
+    (those the newer stored checkpoint holds again without training, marked ``replayed=1``: the
+    driver may already hold them, and every reader keeps a step's first report)."""
     tune_known = _task_index(workdir)
     stored = newest_stored_checkpoint(results_dir, trial_id, newer_than=tune_known)
     if stored is not None:
         for old in workdir.glob("task-*"):
             shutil.rmtree(old)
         shutil.copytree(stored, workdir / stored.name)
-    return max(tune_known, recorded_step(results_dir, trial_id, session))
+    return tune_known
 
 
 def newest_into(ckpt_dir: Path, results_dir: str | None, trial_id: str) -> None:

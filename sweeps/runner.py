@@ -113,10 +113,7 @@ def _start(plan: SweepPlan, mlflow_ready: Any, phases: dict[str, float]) -> _Sta
     phases["cache"] = time.time()
     s = replace(s, gpus_per_trial=gpus, cache_key=info.key, cache_path=str(info.path), num_tasks=len(bundle.tasks),
                 dataset_names=tuple(bundle.task_names))
-    from sweeps.recovery import DRIVER_SESSION
-
-    spec = replace(plan.spec, cache_path=str(info.path), results_dir=None if is_uri(s.folder) else s.folder,
-                   driver_session=DRIVER_SESSION)
+    spec = replace(plan.spec, cache_path=str(info.path), results_dir=None if is_uri(s.folder) else s.folder)
     try:
         prepared = mlflow_ready.result() if mlflow_ready is not None else None
         client, exp_id, parent = open_parent_run(s, plan.benchmark, info, prepared)
@@ -155,7 +152,6 @@ def _assemble(plan: SweepPlan, started: _Started) -> _Parts:
 
     from sweeps.objective import OBJECTIVE
     from sweeps.optuna_storage import make_sampler
-    from sweeps.recovery import ResultLedger
     from sweeps.search import LadaSearcher
     from sweeps.storage import StorageGuard
     from sweeps.tracking import MlflowTracker
@@ -173,7 +169,7 @@ def _assemble(plan: SweepPlan, started: _Started) -> _Parts:
     run_config = tune.RunConfig(
         name=s.name,
         storage_path=s.storage,
-        callbacks=[tracker, guard, *([] if is_uri(s.folder) else [ResultLedger(s.folder)])],
+        callbacks=[tracker, guard],
         stop=guard,  # only used when Tune's interrupt handler is missing (see sweeps.storage)
         # Each task checkpoint holds the whole state: keep the last two (Tune forces an experiment
         # snapshot every num_to_keep trial checkpoints, so 1 would snapshot at every task).

@@ -86,7 +86,6 @@ class TrialSpec:
     objective: Objective = field(default_factory=lambda: Objective({M.AVERAGE: 1.0}))
     work_root: str | None = None  # node-local folder for the trainer's output (default: the temp dir)
     results_dir: str | None = None  # the sweep's folder when it is a local or shared path (not a URI)
-    driver_session: str | None = None  # the driver running the trial (sweeps.recovery.DRIVER_SESSION)
 
     def config(self, sample: Mapping[str, Any]) -> Any:
         """The trial's Config: base < sample < --set."""
@@ -206,7 +205,7 @@ def _workdir(spec: TrialSpec, trial_id: str) -> tuple[Path, Path, int]:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(workdir))  # task-NNN/ of the last finished task
-    return root, workdir, resume_point(workdir, spec.results_dir, trial_id, spec.driver_session)
+    return root, workdir, resume_point(workdir, spec.results_dir, trial_id)
 
 
 class _Reporter:
@@ -239,9 +238,10 @@ class _Reporter:
         if getattr(te, "resumed", False):
             self.last["result"] = result
             if te.task_index > self.recorded:
-                # Done, but not recorded by this driver (a driver restart after it, or a worker lost
-                # before its report reached the driver): report it again (no training), with the
-                # checkpoint on the last such step. MLflow skips steps it already has.
+                # Done after Tune's checkpoint (a driver restart after it, or a worker lost before Tune
+                # fetched its checkpoint): report it again (no training), marked, with the checkpoint
+                # on the last such step. The driver may hold it already: readers keep a step's first
+                # report (sweeps.recovery).
                 ckpt = Path(te.checkpoint_dir)
                 result[REPLAYED] = 1
                 self.report(result, ckpt if (ckpt / "state.pt").is_file() else None)

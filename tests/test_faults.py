@@ -49,6 +49,7 @@ from sweeps_helpers import (
 )
 
 from lada_core import metrics as M
+from sweeps.trainable import REPLAYED
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -104,6 +105,19 @@ def _poll(predicate: Any, timeout: float, what: str, proc: subprocess.Popen | No
 
 def _steps(rows: list[dict[str, Any]]) -> list[int]:
     return [r[M.TASK_INDEX] for r in rows if M.TASK_INDEX in r and not r.get("storage_error")]
+
+
+def _trained(rows: list[dict[str, Any]]) -> list[int]:
+    """The steps a trial trained (Ray's results less the replayed reports, which train nothing)."""
+    return [r[M.TASK_INDEX] for r in rows if M.TASK_INDEX in r and not r.get("storage_error") and not r.get(REPLAYED)]
+
+
+def _read_once(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each trial's steps as the project's results reader gives them (Ray's ``result.json`` is
+    at-least-once; the reader keeps each step's first report)."""
+    from sweeps.results import read_results
+
+    return {tid: rec.steps for tid, rec in read_results(folder).items()}
 
 
 def _one_run_per_trial(dirs: SweepDirs, name: str, uri: str | None = None, folder: Path | None = None) -> dict[str, Any]:
@@ -168,8 +182,10 @@ def test_killed_worker_is_retried_from_its_last_task(dirs: SweepDirs) -> None:
     assert code == 0, err[-5000:]
     s = summary(dirs, name)
     assert s["trials"] == 1 and s["completed"] == 1, s["outcomes"]
-    rows = tune_trial_results(folder)[tid]
-    assert _steps(rows) == list(range(7)), "every task reported once: the retry resumed after the last finished one"
+    raw = tune_trial_results(folder)[tid]
+    assert _trained(raw) == list(range(7)), "every task trained once: the retry resumed after the last finished one"
+    rows = _read_once(folder)[tid]
+    assert _steps(rows) == list(range(7)), "every task once in the reader"
     pids = [r["pid"] for r in rows]
     assert pids[0] == pid and pids[-1] != pid, "the tasks after the kill ran in a new worker process"
     first_new = next(i for i, p in enumerate(pids) if p != pid)
@@ -205,9 +221,11 @@ def test_worker_lost_right_after_its_last_task_ends_the_trial_once(dirs: SweepDi
     assert marker.exists(), "the hook killed the worker after its last task"
     s = summary(dirs, name)
     assert s["trials"] == 1 and s["completed"] == 1, s["outcomes"]
-    ((tid, rows),) = tune_trial_results(dirs.folder(name)).items()
-    assert _steps(rows) == list(range(7)), "the last task is reported once"
-    assert {r["pid"] for r in rows} == {int(marker.read_text())}, "every report came from the worker that died"
+    ((tid, raw),) = tune_trial_results(dirs.folder(name)).items()
+    assert _trained(raw) == list(range(7)), "no task trained again"
+    assert {r["pid"] for r in raw if not r.get(REPLAYED)} == {int(marker.read_text())}, "every task ran in the worker that died"
+    rows = _read_once(dirs.folder(name))[tid]
+    assert _steps(rows) == list(range(7)), "the last task once in the reader"
     study = optuna.load_study(study_name=name, storage=settings(dirs, name)["study_storage"])
     (trial,) = study.trials
     assert trial.state.name == "COMPLETE" and trial.value == pytest.approx(rows[-1]["objective"])
@@ -257,10 +275,12 @@ def test_lost_worker_node_trials_move_to_the_other_node(dirs: SweepDirs) -> None
     assert code == 0, err[-5000:]
     s = summary(dirs, name)
     assert s["trials"] == 3 and s["completed"] == 3, s["outcomes"]
-    results = tune_trial_results(dirs.folder(name))
-    assert len(results) == 3
-    for tid, rows in results.items():
-        assert _steps(rows) == list(range(7)), (tid, "every task once: a moved trial resumed from its checkpoint")
+    raw = tune_trial_results(dirs.folder(name))
+    assert len(raw) == 3
+    for tid, rows in raw.items():
+        assert _trained(rows) == list(range(7)), (tid, "every task trained once: a moved trial resumed from its checkpoint")
+    results = _read_once(dirs.folder(name))
+    assert all(_steps(rows) == list(range(7)) for rows in results.values()), "every task once in the reader"
     moved = {tid: [r["node_id"] for r in rows] for tid, rows in results.items() if len({r["node_id"] for r in rows}) == 2}
     assert moved, "a trial of the lost node was rescheduled on the other one"
     (lost, survivor), *others = {(nodes[0], nodes[-1]) for nodes in moved.values()}

@@ -1,5 +1,5 @@
 """Integration layer: an in-process local Ray and a real ``Tuner`` with the real searcher, MLflow
-tracker, result ledger and storage guard, driven by a toy trainable that reports seven "tasks" in
+tracker and storage guard, driven by a toy trainable that reports seven "tasks" in
 milliseconds and can be told (by its sampled ``x``) to diverge or raise at a given step."""
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ def test_a_sweep_records_every_step_once_and_each_outcome_by_the_one_rule(local_
     from optuna.trial import TrialState
     from ray import tune
 
-    from sweeps.recovery import ResultLedger
     from sweeps.search import LadaSearcher
     from sweeps.storage import StorageGuard
     from sweeps.tracking import OUTCOME_TAG, PARENT_TAG, TRIAL_ID_TAG, MlflowTracker, get_or_create_experiment, open_client
@@ -83,7 +82,7 @@ def test_a_sweep_records_every_step_once_and_each_outcome_by_the_one_rule(local_
         tune.with_resources(toy_trainable, {"cpu": 1}),
         tune_config=tune.TuneConfig(search_alg=searcher, metric=OBJECTIVE, mode="max", num_samples=4, max_concurrent_trials=2),
         run_config=tune.RunConfig(name="s", storage_path=str(tmp_path / "results"), verbose=0,
-                                  callbacks=[tracker, guard, ResultLedger(str(folder))],
+                                  callbacks=[tracker, guard],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     guard.install_filters()

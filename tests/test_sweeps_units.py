@@ -775,27 +775,24 @@ def test_a_restored_trial_reports_each_task_once(mini_cache: Any, tmp_path: Path
     assert _run_trial(monkeypatch, fake, spec) == []
 
 
-def test_a_restored_trial_skips_steps_its_driver_already_recorded(mini_cache: Any, tmp_path: Path,
+def test_a_restored_trial_replays_the_steps_it_finds_stored(mini_cache: Any, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Tune took a trial's results up to task 5 but the worker was lost before Tune fetched the
     checkpoints of tasks 4 and 5 (Tune fetches a result's checkpoint in a second call): restored from
-    task 3, the trial finds task 5 stored in the sweep's folder. The ledger of this driver says it
-    has task 5: only task 6 is reported (no duplicate step in Ray's results). Without a ledger, or
-    with a ledger of another (killed) driver, tasks 4 and 5 are reported again, marked replayed, not
-    trained. A trial restored from task 3 whose driver recorded its last task reports nothing."""
-    import json
+    task 3, the trial finds task 5 stored in the sweep's folder. Tasks 4 and 5 are reported again,
+    marked replayed, not trained (the driver may hold them already: every reader keeps a step's first
+    report), then task 6 is trained. With task 6 stored, nothing is trained: 4, 5 and 6 are replayed."""
     import shutil
     from dataclasses import replace
 
     from ray import tune
 
-    from sweeps.recovery import ResultLedger, recorded_file, recorded_step
     from sweeps.trainable import REPLAYED, TASK_SECONDS
 
     cfg, info, _ = mini_cache
     results = tmp_path / "results"
     spec = TrialSpec(base_config=cfg.to_dict(), cache_path=str(info.path), work_root=str(tmp_path / "work"),
-                     results_dir=str(results), driver_session="this-driver")
+                     results_dir=str(results))
     fake = _FakeTune(tmp_path)
     assert _run_trial(monkeypatch, fake, replace(spec, results_dir=None)) == list(range(7))
     whole = list(fake.reports)
@@ -805,29 +802,18 @@ def test_a_restored_trial_skips_steps_its_driver_already_recorded(mini_cache: An
         shutil.rmtree(trial_dir, ignore_errors=True)
         shutil.copytree(whole[task][1], trial_dir / f"checkpoint_{task:06d}")
 
-    def ledger(session: str, step: int) -> None:
-        recorded_file(results, "t0").parent.mkdir(parents=True, exist_ok=True)
-        recorded_file(results, "t0").write_text(json.dumps({"session": session, "step": step}))
-
     fake.restore_from = tune.Checkpoint.from_directory(str(whole[3][1]))
     stored(5)
-    ledger("this-driver", 5)
-    assert _run_trial(monkeypatch, fake, spec) == [6]
-    assert not fake.reports[0][0].get(REPLAYED) and fake.reports[0][0][OBJECTIVE] == pytest.approx(whole[6][0][OBJECTIVE], abs=1e-9)
-
-    for other in ("a-killed-driver", None):
-        if other is None:
-            recorded_file(results, "t0").unlink()
-        else:
-            ledger(other, 5)
-        assert _run_trial(monkeypatch, fake, spec) == [4, 5, 6]
-        assert [r.get(REPLAYED) for r, _ in fake.reports] == [1, 1, None]
-        assert [r[TASK_SECONDS] == 0 for r, _ in fake.reports] == [True, True, False]
-        assert fake.reports[1][1] is not None, "the last replayed step carries its checkpoint"
+    assert _run_trial(monkeypatch, fake, spec) == [4, 5, 6]
+    assert [r.get(REPLAYED) for r, _ in fake.reports] == [1, 1, None]
+    assert [r[TASK_SECONDS] == 0 for r, _ in fake.reports] == [True, True, False]
+    assert fake.reports[1][1] is not None, "the last replayed step carries its checkpoint"
+    assert fake.reports[2][0][OBJECTIVE] == pytest.approx(whole[6][0][OBJECTIVE], abs=1e-9), "trained from the stored task 5"
 
     stored(6)
-    ledger("this-driver", 6)
-    assert _run_trial(monkeypatch, fake, spec) == []
+    assert _run_trial(monkeypatch, fake, spec) == [4, 5, 6]
+    assert [r.get(REPLAYED) for r, _ in fake.reports] == [1, 1, 1], "nothing trained"
+    assert fake.reports[2][1] is not None
 
     # That trial ends with Tune holding task 3's checkpoint: its MLflow run gets the stored task 6.
     from mlflow.tracking import MlflowClient
@@ -842,22 +828,6 @@ def test_a_restored_trial_skips_steps_its_driver_already_recorded(mini_cache: An
     tracker.on_trial_start(0, [trial], trial)
     tracker.on_trial_complete(0, [trial], trial)
     assert [a.path for a in client.list_artifacts(tracker.runs["t0"], "checkpoint")] == ["checkpoint/task-006"]
-
-    # The ledger as the driver writes it.
-    class Trial:
-        trial_id = "t9"
-
-    cb = ResultLedger(str(results))
-    cb.on_trial_result(0, [], Trial(), {M.TASK_INDEX: 2})
-    cb.on_trial_result(0, [], Trial(), {"done": True})
-    from sweeps.recovery import DRIVER_SESSION
-
-    assert recorded_step(results, "t9", DRIVER_SESSION) == 2 and recorded_step(results, "t9", "other") == -1
-    assert recorded_step(None, "t9", DRIVER_SESSION) == -1 and recorded_step(results, "t1", DRIVER_SESSION) == -1
-    recorded_file(results, "t9").write_text("{")
-    assert recorded_step(results, "t9", DRIVER_SESSION) == -1
-    (tmp_path / "a-file").write_text("x")
-    ResultLedger(str(tmp_path / "a-file" / "below")).on_trial_result(0, [], Trial(), {M.TASK_INDEX: 1})  # unwritable: ignored
 
 
 def test_searcher_pickles_and_its_copy_continues_the_study(tmp_path: Path) -> None:
