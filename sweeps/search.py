@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from lada_core import metrics as M
-from sweeps import ray_compat
+from sweeps import faults, ray_compat
 from sweeps.objective import OBJECTIVE
 from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR, open_storage, storage_file
 from sweeps.results import ERROR, classify, optuna_state
@@ -89,6 +89,7 @@ class LadaSearcher(Searcher):
         try:
             trial = self._trials.get(trial_id)
             if not isinstance(trial, optuna.trial.Trial):
+                faults.at("search.ask")
                 trial = self.study.ask()
                 self._trials[trial_id] = trial
                 trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)

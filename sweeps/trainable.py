@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lada_core import metrics as M
+from sweeps import faults
 from sweeps.objective import OBJECTIVE, Objective
 from sweeps.results import (  # noqa: F401 - the result schema, also read from here
     DIVERGED,
@@ -293,6 +294,7 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         timings.span("backbone_s", t_bb)
         run_continual_parallel(cfg, spec.cache_path, workdir, world, on_task_end=on_task_end, timings=timings.t if timings.folder else None,
                                bundle=bundle, backbone=backbone)
+        faults.at("trial.after_last_task")
         timings.write(run_s=time.time() - t0)
     except DivergenceError as exc:
         # Retrying cannot help (same seed, same data): end the trial with the reason, as a failed value.

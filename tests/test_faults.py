@@ -215,10 +215,10 @@ def test_worker_lost_right_after_its_last_task_ends_the_trial_once(dirs: SweepDi
 
     name = "lastgasp"
     marker = dirs.root / "died-after-last-task"
-    env = sweep_env(dirs, {**_hook_env(dirs.root / "test-hooks"), "LADA_TEST_DIE_AFTER_LAST": str(marker)})
+    env = sweep_env(dirs, _fault_env(dirs, {"trial.after_last_task": {"exit": 1, "once": str(marker)}}))
     res = run_sweep(dirs, sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "1", "--seed", "5", *BUDGET), env=env)
     assert res.returncode == 0, res.stderr[-5000:]
-    assert marker.exists(), "the hook killed the worker after its last task"
+    assert marker.exists() and len(_fired(dirs, "trial.after_last_task")) == 1, "the seam ended the worker after its last task, once"
     s = summary(dirs, name)
     assert s["trials"] == 1 and s["completed"] == 1, s["outcomes"]
     ((tid, raw),) = tune_trial_results(dirs.folder(name)).items()
@@ -393,91 +393,34 @@ INJECT = textwrap.dedent('''
         _fs.copy_files = copy_files
 ''')
 
-AFTER_IMPORT = textwrap.dedent('''
-    # Test hooks (tests/test_faults.py): _after_import(name, patch) calls patch(module) right after
-    # the first import of module `name` has run it.
-    import importlib.machinery, os, sys
-
-    class _AfterImport:
-        def __init__(self, name, patch):
-            self.name, self.patch = name, patch
-
-        def find_spec(self, name, path, target=None):
-            if name != self.name:
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            run = spec.loader.exec_module
-
-            def exec_module(module):
-                run(module)
-                self.patch(module)
-            spec.loader.exec_module = exec_module
-            return spec
-
-    def _after_import(name, patch):
-        sys.meta_path.insert(0, _AfterImport(name, patch))
-''')
-
-DELAY = textwrap.dedent('''
-    # Test hook (tests/test_faults.py): with LADA_TEST_DELAY_SUGGEST set, the driver waits that many
-    # seconds before it asks Optuna (Study.ask) for the second trial, so the disk is full by then: the
-    # failure meets the study database (sqlite), not a trial's write.
-    if os.environ.get("LADA_TEST_DELAY_SUGGEST"):
-        import time
-
-        def _delay_second_ask(module):
-            study_cls, calls = module.optuna.Study, []
-            ask = study_cls.ask
-
-            def delayed(self, *args, **kwargs):
-                calls.append(1)
-                if len(calls) == 2:
-                    time.sleep(float(os.environ["LADA_TEST_DELAY_SUGGEST"]))
-                return ask(self, *args, **kwargs)
-            study_cls.ask = delayed
-        _after_import("sweeps.search", _delay_second_ask)
-''')
-
-DIE_AFTER_LAST = textwrap.dedent('''
-    # Test hook (tests/test_faults.py): with LADA_TEST_DIE_AFTER_LAST set (a marker file), the first
-    # trial worker to finish its last task dies right after that task's report (as if its node went
-    # away then), once: the marker says it happened.
-    if os.environ.get("LADA_TEST_DIE_AFTER_LAST"):
-        def _die_after_last_task(module):
-            train = module.run_continual_parallel
-
-            def then_die(*args, **kwargs):
-                out = train(*args, **kwargs)
-                marker = os.environ["LADA_TEST_DIE_AFTER_LAST"]
-                try:
-                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                except FileExistsError:
-                    return out
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                os._exit(1)
-            module.run_continual_parallel = then_die
-        _after_import("sweeps.distributed", _die_after_last_task)
-''')
-
-
-def _hook_env(folder: Path) -> dict[str, str]:
-    """The test hooks as a sitecustomize on PYTHONPATH (the driver's and Ray's workers' processes);
-    each hook acts only when its variable is set."""
+def _enospc_env(folder: Path) -> dict[str, str]:
+    """A disk that fills up where no tmpfs can be mounted: INJECT as a sitecustomize on PYTHONPATH
+    (the driver's and Ray's workers' processes); it acts only when its variables are set."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(INJECT + AFTER_IMPORT + DELAY + DIE_AFTER_LAST)
+    (folder / "sitecustomize.py").write_text(INJECT)
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
+
+def _fault_env(dirs: SweepDirs, plan: dict[str, Any]) -> dict[str, str]:
+    """The product's fault seams (sweeps.faults) armed with ``plan``; they log to ``dirs.root/faults.log``."""
+    from sweeps import faults
+
+    return {faults.PLAN_ENV: json.dumps(plan), faults.LOG_ENV: str(dirs.root / "faults.log")}
+
+
+def _fired(dirs: SweepDirs, point: str) -> list[dict[str, Any]]:
+    from sweeps import faults
+
+    return faults.fired(dirs.root / "faults.log", point)
 
 
 @contextmanager
 def _small_disk(path: Path, size: str = "64m") -> Iterator[tuple[Any, dict[str, str], bool]]:
     """A results disk that can be filled: a tmpfs when this process may mount one (root, CAP_SYS_ADMIN),
     else an injected ENOSPC in Ray's writes (a sitecustomize on PYTHONPATH). Yields ((fill, free),
-    extra env with the test hooks, whether a tmpfs is mounted)."""
+    extra env for the sweep, whether a tmpfs is mounted)."""
     path.mkdir(parents=True, exist_ok=True)
-    env = _hook_env(path.parent / "test-hooks")
+    env: dict[str, str] = {}
     mounted = False
     if not os.environ.get("LADA_TEST_NO_MOUNT"):
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
@@ -502,7 +445,7 @@ def _small_disk(path: Path, size: str = "64m") -> Iterator[tuple[Any, dict[str, 
 
         def free() -> None:
             flag.unlink(missing_ok=True)
-        env.update(LADA_TEST_ENOSPC_FLAG=str(flag), LADA_TEST_ENOSPC_ROOT=str(path))
+        env.update(_enospc_env(path.parent / "test-hooks"), LADA_TEST_ENOSPC_FLAG=str(flag), LADA_TEST_ENOSPC_ROOT=str(path))
     try:
         yield (fill, free), env, mounted
     finally:
@@ -532,7 +475,7 @@ def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs, 
         args[args.index("--storage") + 1] = str(disk / "results")
         folder = disk / "results" / name
         if meets == "study database":
-            extra = {**extra, "LADA_TEST_DELAY_SUGGEST": "4"}
+            extra = {**extra, **_fault_env(dirs, {"search.ask": {"nth": 2, "sleep": 4}})}
         env = sweep_env(dirs, extra)
         proc = _start(dirs, args, env=env)
         db = f"sqlite:///{folder / 'optuna.db'}"
@@ -550,6 +493,8 @@ def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs, 
         finally:
             kill_group(proc, wait=0)
         assert code == 3, err[-5000:]
+        if meets == "study database":
+            assert len(_fired(dirs, "search.ask")) == 1, "the seam held the second ask back"
         line = _one_error_line(err)
         assert "No space left on device" in line and str(disk) in line, line
         assert "--resume --name diskfull" in line, line

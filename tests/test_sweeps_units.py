@@ -844,3 +844,33 @@ def test_searcher_pickles_and_its_copy_continues_the_study(tmp_path: Path) -> No
     copy.on_trial_complete("t0", {OBJECTIVE: 51.0, TASKS_DONE: 2, NUM_TASKS: 2})
     (t,) = optuna.load_study(study_name="s", storage=url).get_trials()
     assert t.state == TrialState.COMPLETE and t.intermediate_values == {0: 50.0, 1: 51.0} and t.value == 51.0
+
+
+def test_fault_seams_fire_as_planned_and_log_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sweeps.faults: nothing without a plan; ``nth`` fires on that call only; ``once`` fires once
+    across processes (its marker holds the pid); ``exit`` ends the process with that code."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sweeps import faults
+
+    log = tmp_path / "faults.log"
+    monkeypatch.setenv(faults.LOG_ENV, str(log))
+    monkeypatch.delenv(faults.PLAN_ENV, raising=False)
+    faults.at("search.ask")
+    assert faults.fired(log, "search.ask") == []
+    monkeypatch.setenv(faults.PLAN_ENV, json.dumps({"search.ask": {"nth": 2, "sleep": 0}, "x.once": {"once": str(tmp_path / "m")}}))
+    monkeypatch.setattr(faults, "_counts", {})
+    for _ in range(3):
+        faults.at("search.ask")
+        faults.at("x.once")
+    assert len(faults.fired(log, "search.ask")) == 1 and len(faults.fired(log, "x.once")) == 1
+    assert (tmp_path / "m").read_text() == str(os.getpid())
+
+    env = {**os.environ, faults.PLAN_ENV: json.dumps({"trial.after_last_task": {"exit": 7}})}
+    code = "from sweeps import faults; faults.at('trial.after_last_task'); print('survived')"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 7 and "survived" not in res.stdout
+    assert len(faults.fired(log, "trial.after_last_task")) == 1
