@@ -10,7 +10,8 @@ plan reaches Ray's workers with the driver's environment (a local Ray), or throu
 Points and what they accept:
 
 - ``search.ask`` (the driver, before the searcher asks the Optuna study for a trial):
-  ``{"nth": N, "sleep": S}`` waits S seconds before the N-th ask of this process (a test makes the
+  ``{"nth": N, "until": FILE}`` holds the N-th ask of this process until FILE exists (at most
+  ``timeout`` seconds, default 300), or ``{"nth": N, "sleep": S}`` for S seconds (a test makes the
   study database the first write to meet a full disk).
 - ``trial.after_last_task`` (a trial's worker, after the trainer returned from its last task, its
   report made): ``{"exit": CODE, "once": MARKER}`` ends the worker process at once (as a lost node
@@ -58,6 +59,10 @@ def at(point: str) -> None:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
     _log(point, spec)
+    if "until" in spec:
+        deadline = time.monotonic() + float(spec.get("timeout", 300))
+        while not os.path.exists(spec["until"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
     if "sleep" in spec:
         time.sleep(float(spec["sleep"]))
     if "exit" in spec:

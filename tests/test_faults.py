@@ -464,7 +464,8 @@ def _one_error_line(err: str) -> str:
 def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs, meets: str) -> None:
     """The disk fills up after the first trial ends. Which write meets it first depends on timing: a
     trial's or Ray's (pyarrow), or the Optuna study's (sqlite, when the next trial is asked for):
-    "study database" holds the searcher back a few seconds so that it is the study's."""
+    "study database" holds the driver's second ask (the fault seam ``search.ask``) until the disk is
+    full, so that it is the study's."""
     import optuna
     import torch
 
@@ -475,7 +476,7 @@ def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs, 
         args[args.index("--storage") + 1] = str(disk / "results")
         folder = disk / "results" / name
         if meets == "study database":
-            extra = {**extra, **_fault_env(dirs, {"search.ask": {"nth": 2, "sleep": 4}})}
+            extra = {**extra, **_fault_env(dirs, {"search.ask": {"nth": 2, "until": str(dirs.root / "disk-filled")}})}
         env = sweep_env(dirs, extra)
         proc = _start(dirs, args, env=env)
         db = f"sqlite:///{folder / 'optuna.db'}"
@@ -489,6 +490,7 @@ def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs, 
             # A finished trial is written to storage when it ends, not at Tune's next snapshot.
             _poll(lambda: len(_steps(tune_trial_results(folder).get(finished, []))) == 7, 5, "the finished trial's results", proc)
             fill()  # the disk is full from now on
+            (dirs.root / "disk-filled").touch()  # lets the held second ask go ("study database")
             code, out, err = _wait(proc, dirs, 300)
         finally:
             kill_group(proc, wait=0)

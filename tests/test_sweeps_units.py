@@ -868,6 +868,10 @@ def test_fault_seams_fire_as_planned_and_log_it(tmp_path: Path, monkeypatch: pyt
         faults.at("x.once")
     assert len(faults.fired(log, "search.ask")) == 1 and len(faults.fired(log, "x.once")) == 1
     assert (tmp_path / "m").read_text() == str(os.getpid())
+    (tmp_path / "go").touch()
+    monkeypatch.setenv(faults.PLAN_ENV, json.dumps({"held": {"until": str(tmp_path / "go")}}))
+    faults.at("held")
+    assert len(faults.fired(log, "held")) == 1, "returns once the file exists"
 
     env = {**os.environ, faults.PLAN_ENV: json.dumps({"trial.after_last_task": {"exit": 7}})}
     code = "from sweeps import faults; faults.at('trial.after_last_task'); print('survived')"
