@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None, help="sweep name: the results folder, the Optuna study and the parent run (default <space>-<benchmark>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the sweep --name after its driver stopped: same study, results and MLflow runs")
     g.add_argument("--encode-on", choices=("driver", "ray"), default="driver", help="build the feature cache in the driver, or fan it out as Ray tasks (one per shard)")
-    g.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Ray Tune's console output")
+    g.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2),
+                   help="0: a header, a progress line, a line per finished trial and the summary (Ray's, Optuna's and MLflow's logs go to "
+                        "lada-sweep.log in the sweep's folder, the trials' output to Ray's session folder); 1: also Tune's status tables, "
+                        "the libraries' logs and the trials' output (per-epoch lines); 2: also a line per trial result")
     return p
 
 

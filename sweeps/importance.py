@@ -32,20 +32,15 @@ def importances(study: Any, evaluator: str = "ped-anova") -> dict[str, float]:
         return dict(optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)))
 
 
-def importance_figure(study: Any) -> Any:
-    """A bar chart of :func:`importances` (None when there are too few trials or no parameters)."""
-    try:
-        imp = importances(study)
-    except Exception:
-        return None
-    if not imp:
-        return None
-    from matplotlib.figure import Figure
+def evaluator_for(study: Any) -> Any:
+    """The importance evaluator :func:`importances` uses for ``study``: PED-ANOVA (no target, so it
+    follows the study's direction) when it can rank the study's trials, else fANOVA."""
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
-    names = list(imp)[::-1]
-    fig = Figure(figsize=(6, 1 + 0.4 * len(names)), layout="constrained")
-    ax = fig.subplots()
-    ax.barh(names, [imp[n] for n in names])
-    ax.set_xlabel("importance for a high objective (PED-ANOVA)")
-    ax.set_title(study.study_name)
-    return fig
+    try:
+        import optuna
+
+        optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
+        return PedAnovaImportanceEvaluator()
+    except Exception:
+        return FanovaImportanceEvaluator(seed=0)

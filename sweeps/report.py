@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="rows of the table (0: all)")
     p.add_argument("--out", default=None, help="where to write the best config YAML (default: <storage>/<name>/best_config.yaml)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="also write one self-contained HTML page (opens offline): the leaderboard, the best config, the importances, "
+                        "how to reproduce, and Optuna's plots (history, importances, parallel coordinates) with the best trial's accuracy heatmap")
     p.add_argument("--sync-mlflow", action="store_true",
                    help="write to MLflow what it lacks of the sweep (runs, task steps, trial ends, the parent's end) from Ray's "
                         "results, e.g. after the tracking server was unreachable; never writes a step twice; then exit")
@@ -155,6 +158,25 @@ def sync_main(settings: Any, as_json: bool) -> int:
     return 0
 
 
+def write_html(path: str, settings: Any, study: Any, rows: list[dict[str, Any]], yaml_text: str | None,
+               imp: dict[str, float], best_config_path: str) -> None:
+    """``--html FILE``: :func:`sweeps.notes.html_page` with the plots of :func:`sweeps.visuals.plotly_figures`."""
+    from sweeps.notes import html_page, leaderboard, reproduce_commands
+    from sweeps.visuals import TITLES, best_matrix, plotly_figures
+
+    board = [{"trial_id": r["trial_id"], "outcome": r["state"].lower(), "objective": r["value"], "tasks_done": r["tasks_done"],
+              "config": r["params"], **{k: r[k] for k in M.METRICS}} for r in rows]
+    best = next((r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None), None)
+    figs = plotly_figures(study, best_matrix(settings.folder, best["trial_id"] if best else None))
+    counts = ", ".join(f"{n} {st.lower()}" for st, n in sorted({r["state"]: sum(1 for x in rows if x["state"] == r["state"]) for r in rows}.items()))
+    intro = f"Space {settings.space}, objective {settings.metric} ({settings.mode}); {len(rows)} trials ({counts}); results {settings.folder}."
+    page = html_page(f"Sweep {settings.name}", intro, leaderboard(board, settings.mode, top=0), yaml_text, imp,
+                     reproduce_commands(settings, best_config_path), figs, TITLES)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(page, encoding="utf-8")
+    print(f"HTML report: {Path(path).resolve()}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from optuna.trial import TrialState
 
@@ -194,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lada_core.config import build_config
     cfg = build_config(overrides=settings.set, base=settings.base_config())
     paper = paper_comparison(cfg.data.benchmark, cfg.data.shots, best)
+    if args.html:
+        write_html(args.html, settings, study, rows, yaml_text, imp, out_path)
     if args.json:
         print(json.dumps({
             "name": settings.name, "space": settings.space, "metric": settings.metric, "mode": settings.mode,

@@ -68,6 +68,11 @@ def _run(plan: SweepPlan) -> int:
     t_start = plan.options.t0 or time.time()
     _mlflow_http_env(plan.settings.mlflow_uri)
     phases = {"inputs": time.time()}  # when each set-up step ended (for the summary's set-up breakdown)
+    from sweeps.console import QuietLogs, log_path
+
+    # Ray's, Tune's, Optuna's and MLflow's logging -> the sweep's log file (--verbose 1/2: also the console)
+    quiet = QuietLogs(log_path(plan.settings.folder, plan.settings.name), plan.options.verbose, local_ray=not plan.options.address)
+    quiet.__enter__()
     mlflow_ready = None
     if not plan.options.address:  # a local Ray takes seconds to start: prepare the MLflow store meanwhile
         from concurrent.futures import ThreadPoolExecutor
@@ -75,10 +80,10 @@ def _run(plan: SweepPlan) -> int:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lada-mlflow-setup")
         mlflow_ready = pool.submit(mlflow_experiment, plan.settings)
         pool.shutdown(wait=False)
-    connect_ray(plan.options)
-    phases["ray_start"] = time.time()
     try:
-        started = _start(plan, mlflow_ready, phases)
+        session_dir = connect_ray(plan.options)
+        phases["ray_start"] = time.time()
+        started = _start(plan, mlflow_ready, phases, (quiet.path, session_dir))
         parts = _assemble(plan, started)
         t_fit = time.time()
         tuner, grid, guard = _fit(plan, started, parts)
@@ -86,6 +91,7 @@ def _run(plan: SweepPlan) -> int:
         return _finish(plan, started, parts, tuner, grid, guard, (t_start, t_fit, t_end))
     finally:
         ray.shutdown()
+        quiet.__exit__(None, None, None)
 
 
 def _mlflow_http_env(uri: str) -> None:
@@ -99,10 +105,12 @@ def _mlflow_http_env(uri: str) -> None:
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retry notes; ours say it once
 
 
-def _start(plan: SweepPlan, mlflow_ready: Any, phases: dict[str, float]) -> _Started:
-    """Resources, the feature cache, the parent run; the settings completed and saved."""
+def _start(plan: SweepPlan, mlflow_ready: Any, phases: dict[str, float], logs: tuple[Any, str | None]) -> _Started:
+    """Resources, the feature cache, the parent run; the settings completed and saved; the header
+    (``logs``: the sweep's log file and Ray's session folder)."""
     import ray
 
+    from sweeps.console import header_lines, mlflow_run_url
     from sweeps.resources import check_cluster
 
     s = plan.settings
@@ -122,9 +130,9 @@ def _start(plan: SweepPlan, mlflow_ready: Any, phases: dict[str, float]) -> _Sta
         raise UsageError(f"MLflow at {s.mlflow_uri}: could not open the sweep's parent run ({first}); start the tracking server or choose another --mlflow-uri") from None
     s = replace(s, parent_run_id=parent)
     save_settings(s)
-    print(f"lada-sweep: {s.name}: space {s.space}, {s.num_samples} trials, objective {plan.objective.name} ({s.mode}), "
-          f"{s.num_tasks} tasks, scheduler {s.scheduler}; results {s.folder}; study {s.study_storage}; "
-          f"MLflow {s.mlflow_uri} (parent run {parent})", file=sys.stderr, flush=True)
+    worker_logs = f"{logs[1]}/logs" if logs[1] and plan.options.verbose == 0 else None
+    header = header_lines(s, plan.objective.name, logs[0], mlflow_run_url(s.mlflow_uri, exp_id, parent), worker_logs)
+    print("\n".join(header), file=sys.stderr, flush=True)
     phases["mlflow_parent"] = time.time()
     return _Started(s, spec, dict(cluster), gpus, client, parent, exp_id, phases)
 
@@ -152,6 +160,7 @@ def _assemble(plan: SweepPlan, started: _Started) -> _Parts:
 
     from sweeps.objective import OBJECTIVE
     from sweeps.optuna_storage import make_sampler
+    from sweeps.progress import SweepProgress
     from sweeps.search import LadaSearcher
     from sweeps.storage import StorageGuard
     from sweeps.tracking import MlflowTracker
@@ -169,7 +178,8 @@ def _assemble(plan: SweepPlan, started: _Started) -> _Parts:
     run_config = tune.RunConfig(
         name=s.name,
         storage_path=s.storage,
-        callbacks=[tracker, guard],
+        callbacks=[tracker, guard,
+                   SweepProgress(s.num_samples, s.num_tasks or 1, plan.objective.name, s.mode, in_place=None if opts.verbose == 0 else False)],
         stop=guard,  # only used when Tune's interrupt handler is missing (see sweeps.storage)
         # Each task checkpoint holds the whole state: keep the last two (Tune forces an experiment
         # snapshot every num_to_keep trial checkpoints, so 1 would snapshot at every task).
@@ -243,6 +253,10 @@ def _finish(plan: SweepPlan, started: _Started, parts: _Parts, tuner: Any, grid:
     summary["mlflow_callback_s"] = used.seconds
     summary["mlflow_calls"] = used.calls
     summary["mlflow_unsent"] = list(used.unsent())
+    from sweeps.console import mlflow_run_url
+
+    summary["mlflow_run_url"] = mlflow_run_url(s.mlflow_uri, started.exp_id, started.parent)
+    summary["experiment_id"] = started.exp_id
     S.finish_parent(s, started.client, started.parent, summary, started.spec)
     S.print_summary(summary)
     return 0 if summary["completed"] > 0 else 1
@@ -284,13 +298,15 @@ def _auth_env_for_address() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def connect_ray(opts: RunOptions) -> None:
+def connect_ray(opts: RunOptions) -> str | None:
+    """Start a local Ray or connect to ``--address``; returns Ray's session folder (its ``logs/``
+    hold the trials' output when ``--verbose 0`` keeps it off the console)."""
     import ray
 
     if opts.address:
         _address_reachable(opts.address)
         try:
-            ray.init(address=opts.address, log_to_driver=opts.verbose > 0)
+            ctx = ray.init(address=opts.address, log_to_driver=opts.verbose > 0)
         except Exception as exc:  # ConnectionError, ray.exceptions.AuthenticationError
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = ""
@@ -298,7 +314,8 @@ def connect_ray(opts: RunOptions) -> None:
                 hint = " (token authentication: give this process the cluster's token with RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN, and RAY_AUTH_MODE=token)"
             raise UsageError(f"--address {opts.address}: could not connect to Ray: {first[:300]}{hint}") from None
     else:
-        ray.init(num_cpus=opts.local_cpus, num_gpus=opts.local_gpus, include_dashboard=False, log_to_driver=opts.verbose > 0)
+        ctx = ray.init(num_cpus=opts.local_cpus, num_gpus=opts.local_gpus, include_dashboard=False, log_to_driver=opts.verbose > 0)
+    return (getattr(ctx, "address_info", None) or {}).get("session_dir")
 
 
 def build_cache(cache_cfg: Any, encode_on: str) -> tuple[Any, Any]:

@@ -97,7 +97,7 @@ class RunOptions:
     local_cpus: int | None = None
     local_gpus: int | None = None
     encode_on: str = "driver"
-    verbose: int = 1
+    verbose: int = 0
     max_concurrent: int = 0
     max_failures: int = 2
     time_budget_s: float | None = None

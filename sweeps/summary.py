@@ -134,25 +134,47 @@ def finish_parent(s: Settings, client: Any, parent: str, summary: dict[str, Any]
         from sweeps.storage import describe
 
         print(f"lada-sweep: warning: summary not written ({describe(exc, s.folder) or exc})", file=sys.stderr)
-    fig = None
     try:
-        from sweeps.importance import importance_figure
-        from sweeps.optuna_storage import load_study
-
-        fig = importance_figure(load_study(s.study_storage, s.name))
-    except Exception as exc:  # too few finished trials, constant parameters
-        logging.getLogger(__name__).info("no importances: %s", exc)
-    try:
-        write_parent_end(client, parent, summary, yaml_text, fig)
+        write_parent_end(client, parent, summary, yaml_text, parent_views(s, summary, yaml_text))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         print(f"lada-sweep: warning: MLflow parent run not updated ({first}); once MLflow is reachable: "
               f"python -m sweeps.report --name {s.name} --storage {s.storage} --sync-mlflow", file=sys.stderr)
 
 
-def write_parent_end(client: Any, parent: str, summary: dict[str, Any], yaml_text: str | None, importance_fig: Any = None) -> None:
-    """Close the sweep's parent run: counts, wall time, overhead, best value and config, importances."""
+def parent_views(s: Settings, summary: dict[str, Any], yaml_text: str | None) -> tuple[str, dict[str, Any]]:
+    """The parent run's Markdown description and its plots (PNG figures by name); what cannot be
+    drawn (too few trials) is left out and said in the log."""
+    from sweeps.notes import markdown_note, reproduce_commands
+
+    log = logging.getLogger(__name__)
+    imp: dict[str, float] = {}
+    figs: dict[str, Any] = {}
+    try:
+        from sweeps.importance import importances
+        from sweeps.optuna_storage import load_study
+        from sweeps.visuals import best_matrix, png_figures
+
+        study = load_study(s.study_storage, s.name)
+        try:
+            imp = importances(study)
+        except Exception as exc:  # too few finished trials, constant parameters
+            log.info("no importances: %s", exc)
+        best = summary.get("best")
+        figs = png_figures(study, best_matrix(s.folder, best["trial_id"] if best else None))
+    except Exception as exc:
+        log.info("no plots: %s", exc)
+    commands = reproduce_commands(s, join_path(s.folder, BEST_CONFIG))
+    return markdown_note(summary, yaml_text, imp, commands), figs
+
+
+def write_parent_end(client: Any, parent: str, summary: dict[str, Any], yaml_text: str | None,
+                     views: tuple[str, dict[str, Any]] | None = None) -> None:
+    """Close the sweep's parent run: counts, wall time, overhead, best value and config, and
+    (``views``) its Markdown description and plots (``plots/<name>.png``)."""
     from mlflow.entities import Metric, RunTag
+
+    from sweeps.notes import NOTE_TAG
 
     now = int(time.time() * 1000)
     best = summary.get("best")
@@ -162,6 +184,8 @@ def write_parent_end(client: Any, parent: str, summary: dict[str, Any], yaml_tex
         Metric("overhead_share", float(summary["overhead_share"]), now, 0),
     ]
     tags = [RunTag("lada.outcomes", json.dumps(summary["outcomes"]))]
+    if views is not None:
+        tags.append(RunTag(NOTE_TAG, views[0]))
     if best is not None:
         name = summary["objective"] if "," not in summary["objective"] else "objective"
         metrics.append(Metric(f"best_{name}", float(best["objective"]), now, 0))
@@ -170,8 +194,8 @@ def write_parent_end(client: Any, parent: str, summary: dict[str, Any], yaml_tex
             client.log_text(parent, yaml_text, BEST_CONFIG)
     client.log_batch(parent, metrics=metrics, tags=tags)
     client.log_dict(parent, {k: v for k, v in summary.items() if k != "rows"}, SUMMARY_FILE)
-    if importance_fig is not None:
-        client.log_figure(parent, importance_fig, "param_importances.png")
+    for plot, fig in (views[1] if views is not None else {}).items():
+        client.log_figure(parent, fig, f"plots/{plot}.png")
     client.set_terminated(parent, status="FINISHED")
 
 
@@ -201,6 +225,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     for name, why in sorted(inactive.items()):
         print(f"guarantee {name} was {why} (see sweeps/ray_compat.py)", file=out)
     print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}  (parent run {summary['parent_run_id']})", file=out)
+    if summary.get("mlflow_run_url"):
+        print(f"parent run: {summary['mlflow_run_url']}  (description, leaderboard and plots; "
+              f"the study: optuna-dashboard {summary['study_storage']})", file=out)
     pending, deferred = summary.get("mlflow_unsent") or (0, 0)
     if pending or deferred:
         print(f"MLflow was unreachable: {pending} metric points and {deferred} trial ends are not in it yet (Ray's results hold them); "

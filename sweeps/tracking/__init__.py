@@ -30,6 +30,8 @@ from sweeps.tracking.artifacts import heatmap_figure, matrix_csv, outcome_tags, 
 from sweeps.tracking.callback import MlflowTracker
 from sweeps.tracking.store import (
     ACC_PREFIX,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     MATRIX_CSV,
     MATRIX_PNG,
     MAX_BATCH,
@@ -51,7 +53,7 @@ from sweeps.tracking.sync import sync_sweep
 from sweeps.tracking.writer import MlflowWriter
 
 __all__ = [
-    "ACC_PREFIX", "MATRIX_CSV", "MATRIX_PNG", "MAX_BATCH", "OUTCOME_TAG", "PARENT_TAG", "STEP_METRICS", "SWEEP_TAG", "TRIAL_ID_TAG",
+    "ACC_PREFIX", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "MATRIX_CSV", "MATRIX_PNG", "MAX_BATCH", "OUTCOME_TAG", "PARENT_TAG", "STEP_METRICS", "SWEEP_TAG", "TRIAL_ID_TAG",
     "MlflowTracker", "MlflowWriter", "artifact_root_for", "close_orphans", "get_or_create_experiment", "git_commit", "heatmap_figure",
     "matrix_csv", "open_client", "outcome_tags", "running_children", "sqlite_store_lock", "sqlite_store_path", "step_metrics",
     "sync_sweep", "write_trial_end",

@@ -29,6 +29,9 @@ STEP_METRICS = (*M.METRICS, M.SEEN_MEAN, OBJECTIVE, TASK_SECONDS)
 MATRIX_CSV = "accuracy_matrix.csv"
 MATRIX_PNG = "accuracy_matrix.png"
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's UI opens an experiment with this kind on its runs table (else on its GenAI traces view)."""
 
 
 def artifact_root_for(tracking_uri: str) -> str | None:
@@ -82,13 +85,18 @@ def open_client(tracking_uri: str) -> MlflowClient:
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The experiment ``name`` (created, or restored if deleted), tagged :data:`EXPERIMENT_KIND_TAG`
+    so that the MLflow 3 UI opens it on its runs table (an experiment made before is tagged now)."""
     with sqlite_store_lock(tracking_uri):  # two sweeps creating the experiment at once: one creates it
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(exp.experiment_id)
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
-        return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri))
+        return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:

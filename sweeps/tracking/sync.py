@@ -163,15 +163,7 @@ def _close_trial_run(client: MlflowClient, run_id: str, rec: Any, outcome: str, 
 
 def _close_parent(client: MlflowClient, settings: Any, folder: Path, summary: dict[str, Any]) -> None:
     from sweeps.settings import BEST_CONFIG
-    from sweeps.summary import write_parent_end
+    from sweeps.summary import parent_views, write_parent_end
 
     best_yaml = (folder / BEST_CONFIG).read_text() if (folder / BEST_CONFIG).is_file() else None
-    fig = None
-    try:
-        from sweeps.importance import importance_figure
-        from sweeps.optuna_storage import load_study
-
-        fig = importance_figure(load_study(settings.study_storage, settings.name))
-    except Exception:
-        fig = None
-    write_parent_end(client, settings.parent_run_id, summary, best_yaml, fig)
+    write_parent_end(client, settings.parent_run_id, summary, best_yaml, parent_views(settings, summary, best_yaml))
