@@ -42,8 +42,8 @@ def progress_text(counts: dict[str, int], total: int, best: tuple[float, dict[st
              f"{counts.get(PRUNED, 0)} pruned, {counts.get(FAILED, 0)} failed)"]
     if best is not None:
         parts.append(f"best {objective} {best[0]:.3f} ({fmt_params(best[1]) or 'paper defaults'})")
-    eta = elapsed * (1 - fraction) / fraction if 0 < fraction < 1 else (0.0 if fraction >= 1 else math.nan)
-    parts.append(f"elapsed {fmt_duration(elapsed)}, ETA {'?' if math.isnan(eta) else fmt_duration(eta)}")
+    eta = elapsed * (1 - fraction) / fraction if 0 < fraction < 1 and elapsed >= 1 else (0.0 if fraction >= 1 else math.nan)
+    parts.append(f"{100 * fraction:.0f}% of task steps, elapsed {fmt_duration(elapsed)}, ETA {'?' if math.isnan(eta) else fmt_duration(eta)}")
     return "; ".join(parts)
 
 

@@ -75,9 +75,13 @@ def test_smoke_sweep_end_to_end(dirs: SweepDirs) -> None:
 
     from lada_core.config import build_config
 
-    res = run_sweep(dirs, sweep_args(dirs, "smoke", "--space", "lada_smoke", "--seed", "0", *BUDGET))
+    args = sweep_args(dirs, "smoke", "--space", "lada_smoke", "--seed", "0", *BUDGET)
+    i = args.index("--verbose")
+    del args[i : i + 2]  # the default console
+    res = run_sweep(dirs, args)
     assert res.returncode == 0, res.stderr[-5000:]
     assert "Ray+MLflow overhead" in res.stdout
+    _console_checks(dirs, res, "smoke", trials=4)
     s = summary(dirs, "smoke")
     assert s["trials"] == 4 and s["completed"] == 4
     st = settings(dirs, "smoke")
@@ -114,6 +118,66 @@ def test_smoke_sweep_end_to_end(dirs: SweepDirs) -> None:
     assert data["states"] == {"COMPLETE": 4} and len(data["top"]) == 4
     assert data["top"][0]["value"] == pytest.approx(best["objective"])
     assert set(data["importances"]) == {"lada.memory_size", "lada.distill_weight", "lada.gaussian_components"}
+    _parent_views_checks(dirs, st, s)
+
+
+def _console_checks(dirs: SweepDirs, res: subprocess.CompletedProcess, name: str, trials: int) -> None:
+    """The default console: a header, the progress, one line per finished trial, the summary; Ray's
+    tables, worker lines and per-epoch lines in the log file and Ray's session folder instead."""
+    lines = (res.stdout + res.stderr).splitlines()
+    assert len(lines) < 60, "\n".join(lines)
+    assert sum(1 for line in lines if line.startswith("trial ") and " completed " in line) == trials
+    assert not any("epoch" in line or "Trial status" in line or "pid=" in line or "Token authentication" in line for line in lines), lines
+    log = dirs.folder(name) / "lada-sweep.log"
+    assert f"log     {log}" in res.stderr and log.stat().st_size > 0
+    st = settings(dirs, name)
+    url = [line for line in lines if line.startswith("parent run: http://127.0.0.1:5000/#/experiments/")]
+    assert len(url) == 1 and f"/runs/{st['parent_run_id']}" in url[0]
+    assert any(line.startswith("trials ") and f"{trials}/{trials} done" in line for line in lines)
+
+
+def _parent_views_checks(dirs: SweepDirs, st: dict, s: dict) -> None:
+    """The experiment opens on its runs table; the parent run has its description and plots; the
+    report's HTML page holds the same tables and the plots."""
+    from html.parser import HTMLParser
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(dirs.mlflow_uri)
+    parent = client.get_run(st["parent_run_id"])
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    note = parent.data.tags["mlflow.note.content"]
+    assert "### Leaderboard" in note and f"| 1 | {s['best']['trial_id']} | completed |" in note
+    assert "lada.distill_weight" in note.split("### Parameter importances")[1] and "lada-train --config" in note
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {f"plots/{p}.png" for p in ("optimization_history", "param_importances", "parallel_coordinate", "best_trial_accuracy_matrix")}
+    page = dirs.root / "smoke.html"
+    rep = subprocess.run([sys.executable, "-m", "sweeps.report", "--storage", str(dirs.storage), "--name", "smoke", "--html", str(page)],
+                         capture_output=True, text=True, cwd=dirs.root, timeout=300)
+    assert rep.returncode == 0, rep.stderr
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: list[tuple[str, dict]] = []
+            self.cells: list[str] = []
+            self._in_td = False
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            self.tags.append((tag, dict(attrs)))
+            self._in_td = tag == "td"
+
+        def handle_data(self, data: str) -> None:
+            if self._in_td:
+                self.cells.append(data)
+
+    parsed = Page()
+    parsed.feed(page.read_text())
+    divs = {a.get("id") for t, a in parsed.tags if t == "div"}
+    assert {"plot-optimization_history", "plot-param_importances", "plot-parallel_coordinate", "plot-best_trial_accuracy_matrix"} <= divs
+    assert not [a for t, a in parsed.tags if t == "script" and a.get("src")], "self-contained: no external script"
+    assert sum(1 for t, _ in parsed.tags if t == "table") == 2 and s["best"]["trial_id"] in parsed.cells
 
 
 def test_asha_stops_weak_trials_between_tasks(dirs: SweepDirs) -> None:
