@@ -19,6 +19,7 @@ from lada_core import metrics as M
 
 NOTE_TAG = "mlflow.note.content"
 LEADERBOARD_ROWS = 10
+NOTE_LIMIT = 8000  # MLflow's longest tag value
 
 
 def _num(v: Any) -> str:
@@ -70,17 +71,27 @@ def reproduce_commands(s: Any, best_config_path: str) -> list[str]:
 
 
 def markdown_note(summary: Mapping[str, Any], yaml_text: str | None, importances: Mapping[str, float],
-                  commands: Sequence[str]) -> str:
+                  commands: Sequence[str], limit: int = NOTE_LIMIT) -> str:
     """The parent run's description: outcome counts, leaderboard, best config, importances, how to
-    reproduce (Markdown)."""
-    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.get("outcomes", {}).items()))
-    lines = [f"## Sweep `{summary['name']}`", "",
-             f"Space `{summary['space']}`, objective **{summary['objective']}** ({summary['mode']}); "
-             f"{summary['trials']} trials ({counts}); wall time {summary.get('wall_s', 0.0):.0f} s.", ""]
+    reproduce (Markdown), within MLflow's ``limit`` on a tag's length (too long: the best config is
+    referred to as the run's ``best_config.yaml`` artifact)."""
+    text = _markdown(summary, yaml_text, importances, commands)
+    if len(text) > limit and yaml_text:
+        text = _markdown(summary, None, importances, commands).replace("No trial completed.", "The artifact `best_config.yaml`.")
+    return text if len(text) <= limit else text[: limit - 20] + "\n\n(truncated)\n"
+
+
+def _markdown(summary: Mapping[str, Any], yaml_text: str | None, importances: Mapping[str, float], commands: Sequence[str]) -> str:
+    counts = ", ".join(f"{v} {k}" for k, v in sorted((summary.get("outcomes") or {}).items()))
+    objective = summary.get("objective", "objective")
+    rows = summary.get("rows") or []
+    lines = [f"## Sweep `{summary.get('name', '?')}`", "",
+             f"Space `{summary.get('space', '?')}`, objective **{objective}** ({summary.get('mode', 'max')}); "
+             f"{summary.get('trials', len(rows))} trials ({counts}); wall time {float(summary.get('wall_s') or 0.0):.0f} s.", ""]
     best = summary.get("best")
     if best is not None:
-        lines += [f"**Best {summary['objective']}: {best['objective']:.3f}** (trial `{best['trial_id']}`).", ""]
-    head, cells = leaderboard(summary.get("rows") or [], summary.get("mode", "max"))
+        lines += [f"**Best {objective}: {float(best['objective']):.3f}** (trial `{best['trial_id']}`).", ""]
+    head, cells = leaderboard(rows, summary.get("mode", "max"))
     lines += ["### Leaderboard", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
     lines += ["", "### Best config", ""]

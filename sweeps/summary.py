@@ -164,8 +164,12 @@ def parent_views(s: Settings, summary: dict[str, Any], yaml_text: str | None) ->
         figs = png_figures(study, best_matrix(s.folder, best["trial_id"] if best else None))
     except Exception as exc:
         log.info("no plots: %s", exc)
-    commands = reproduce_commands(s, join_path(s.folder, BEST_CONFIG))
-    return markdown_note(summary, yaml_text, imp, commands), figs
+    try:
+        note = markdown_note(summary, yaml_text, imp, reproduce_commands(s, join_path(s.folder, BEST_CONFIG)))
+    except Exception as exc:  # a summary.json written by an older version
+        log.info("no description: %s", exc)
+        note = ""
+    return note, figs
 
 
 def write_parent_end(client: Any, parent: str, summary: dict[str, Any], yaml_text: str | None,
@@ -184,7 +188,7 @@ def write_parent_end(client: Any, parent: str, summary: dict[str, Any], yaml_tex
         Metric("overhead_share", float(summary["overhead_share"]), now, 0),
     ]
     tags = [RunTag("lada.outcomes", json.dumps(summary["outcomes"]))]
-    if views is not None:
+    if views is not None and views[0]:
         tags.append(RunTag(NOTE_TAG, views[0]))
     if best is not None:
         name = summary["objective"] if "," not in summary["objective"] else "objective"

@@ -167,6 +167,8 @@ def test_markdown_note_and_html_page() -> None:
     note = markdown_note(summary, "lada:\n  memory_size: 8\n", {"lr": 0.7}, ["lada-train --config best.yaml"])
     assert "| 1 | b | completed | 55.00 |" in note and "memory_size: 8" in note and "| lr | 0.700 |" in note
     assert "lada-train --config best.yaml" in note.split("### Reproduce")[1]
+    short = markdown_note(summary, "x: 1\n" * 3000, {"lr": 0.7}, ["lada-train --config best.yaml"])
+    assert len(short) <= 8000 and "artifact `best_config.yaml`" in short and "| 1 | b | completed |" in short
 
     figs = plotly_figures(_study(), ([[80.0, 0.0], [70.0, 60.0]], ["fashion", "digits"]))
     page = html_page("Sweep s", "intro", (head, cells), "a: 1\n", {"lr": 0.7}, ["cmd <1>"], figs, TITLES)
