@@ -33,12 +33,21 @@ RAY_AUTH_NOTICE = "Token authentication is enabled"
 
 
 class _QuietFileHandler(logging.FileHandler):
-    """A file handler that goes silent on a write error (a full disk must not print tracebacks: the
-    storage guard reports it, in one line)."""
+    """A file handler that creates its file (and folder) at the first record, and goes silent on a
+    write error (a full disk or a read-only folder must not print tracebacks: the storage guard
+    reports those, in one line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if self.stream is None:
+                Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            super().emit(record)
+        except Exception:
+            self.handleError(record)
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
-        self.close()
         self.setLevel(logging.CRITICAL + 1)
+        self.close()
 
 
 class _DropAuthNotice(logging.Filter):
@@ -47,17 +56,11 @@ class _DropAuthNotice(logging.Filter):
 
 
 def log_path(folder: str, name: str) -> Path:
-    """The sweep's log file: ``lada-sweep.log`` in its (local) folder; for a cloud folder, or a
-    folder that cannot be written, a file in the temporary folder."""
+    """The sweep's log file: ``lada-sweep.log`` in its (local) folder, created at its first record
+    (nothing is written for a sweep that stops at its inputs); for a cloud folder, a file in the
+    temporary folder."""
     if "://" not in folder:
-        path = Path(folder) / LOG_FILE
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a"):
-                pass
-            return path
-        except OSError:
-            pass
+        return Path(folder).resolve() / LOG_FILE
     return Path(tempfile.gettempdir()) / f"lada-sweep-{name}.log"
 
 

@@ -110,6 +110,24 @@ def test_quiet_logs_route_the_libraries_to_the_file(tmp_path: Path) -> None:
     assert (list(ray_logger.handlers), ray_logger.propagate) == before, "restored"
 
 
+def test_the_log_file_is_made_at_its_first_record_and_a_failing_one_goes_silent(tmp_path: Path) -> None:
+    from sweeps.console import log_path
+
+    folder = tmp_path / "results" / "sweep"
+    log = log_path(str(folder), "sweep")
+    with QuietLogs(log, verbose=0, stream=io.StringIO()):
+        assert not (tmp_path / "results").exists(), "nothing written before a record"
+        logging.getLogger("optuna").info("first")
+    assert log == folder / "lada-sweep.log" and "first" in log.read_text()
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    err = io.StringIO()
+    with QuietLogs(blocked / "lada-sweep.log", verbose=0, stream=err) as q:
+        logging.getLogger("mlflow").info("cannot be written")  # no exception, no traceback
+        assert q.handler is not None and q.handler.level > logging.CRITICAL
+    assert err.getvalue() == ""
+
+
 def test_ray_still_emits_the_auth_notice_from_that_logger() -> None:
     """Contract with Ray 2.60: the notice QuietLogs drops comes from this logger, with this text."""
     import inspect
