@@ -85,6 +85,11 @@ class SweepProgress(Callback):
     def _write(self, text: str, transient: bool = False) -> None:
         out = self._out()
         if self._tty():
+            if transient:  # one screen row, or "\r\033[K" would clear only the last of its rows
+                import shutil
+
+                width = shutil.get_terminal_size().columns - 1
+                text = text if len(text) <= width else text[: max(0, width - 3)] + "..."
             out.write("\r\033[K" + text + ("" if transient else "\n"))
             self._shown = transient
         else:

@@ -76,7 +76,8 @@ def test_progress_plain_lines_when_not_a_tty() -> None:
     assert lines[3].startswith("trials 4/8 done") and len(lines) == 4
 
 
-def test_progress_rewrites_one_line_on_a_tty() -> None:
+def test_progress_rewrites_one_line_on_a_tty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
     out = _Tty()
     p = SweepProgress(total=2, num_tasks=3, objective="last", stream=out)
     trials = [_trial("a", "RUNNING", 1, 10.0), _trial("b", "RUNNING", 0, None)]
@@ -90,6 +91,10 @@ def test_progress_rewrites_one_line_on_a_tty() -> None:
     text = out.getvalue()
     assert "\r\033[Ktrial a completed last 10.000 after 3/3 tasks" in text and text.endswith("\n")
     assert text.count("\n") == 2, "the trial's line and the end of the progress line"
+    monkeypatch.setenv("COLUMNS", "40")
+    narrow = _Tty()
+    SweepProgress(total=2, num_tasks=3, objective="last", stream=narrow).refresh(trials)
+    assert len(narrow.getvalue()) == len("\r\033[K") + 39 and narrow.getvalue().endswith("..."), "fits one row"
 
 
 def test_quiet_logs_route_the_libraries_to_the_file(tmp_path: Path) -> None:
