@@ -101,9 +101,20 @@ def cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (data.device)")
     p.add_argument("--batch-size", type=int, help="images per encoder batch (data.encode_batch_size)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for image decoding (default 0)")
+    p.add_argument("--splits", help="comma-separated splits to encode, each into its own folder (default: train, val where every "
+                   "task has one, test); a sweep needs train,val, lada-train train,test")
     p.add_argument("--check", metavar="DIR", help="verify the cache in DIR (manifest, every shard's rows and hashes) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _cache_splits(cfg: Any, flag: str | None) -> tuple[str, ...]:
+    """``--splits`` as a tuple; by default train, val (where every task has one) and test."""
+    if flag:
+        return tuple(x.strip() for x in flag.split(",") if x.strip())
+    from lada_core.benchmarks import benchmark_for
+
+    return ("train",) + (("val",) if benchmark_for(cfg.data).has_split("val") else ()) + ("test",)
 
 
 def cache_main(argv: Sequence[str] | None = None, run_jobs: Any = None, extra_args: Callable[[argparse.ArgumentParser], None] | None = None, make_runner: Callable[[argparse.Namespace], Any] | None = None) -> int:
@@ -128,7 +139,7 @@ def cache_main(argv: Sequence[str] | None = None, run_jobs: Any = None, extra_ar
             return EXIT_OK
         cfg = _build_cfg(args)
         runner = make_runner(args) if make_runner else run_jobs
-        info = ensure_cache(cfg, progress=not args.quiet, run_jobs=runner, num_workers=args.workers)
+        info = ensure_cache(cfg, progress=not args.quiet, run_jobs=runner, num_workers=args.workers, splits=_cache_splits(cfg, args.splits))
         if info.reused:
             print(f"lada-cache: reused existing cache (key {info.key})", file=sys.stderr)
         else:
@@ -253,7 +264,7 @@ def train(cfg: Any, out: Path, quiet: bool = False, on_task_end: Any = None) -> 
     bench = benchmark_for(cfg.data)  # cheap errors first
     bb = load_backbone(cfg.backbone.model, cfg.backbone.pretrained, device="cpu", model_config_dir=cfg.backbone.model_config_dir)
     if cfg.data.exact:
-        source = ExactSource(bench, bb, resolve_device(cfg.train.device), cfg.data.encode_batch_size)
+        source = ExactSource(bench, bb, resolve_device(cfg.train.device), cfg.data.encode_batch_size, cfg.eval.split)
         result = run_continual(cfg, None, out, on_task_end=on_task_end, backbone=bb, source=source, log=log)
     else:
         info = ensure_cache(cfg, progress=not quiet, backbone=bb, log=log)

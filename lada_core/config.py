@@ -111,12 +111,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Which split fills the accuracy matrix. ``test`` (default): what the paper reports, as
+    ``lada-train`` does. ``val``: the validation split (what a sweep tunes on; Cha & Cho, "Hyperparameters
+    in Continual Learning: A Reality Check", TMLR 2025): the test split is then neither encoded nor read."""
+
+    split: Literal["val", "test"] = "test"
+    peek_test: bool = False  # with split=val: also score test after every task, as test/... metrics (exploration only)
+
+
+@dataclass(frozen=True)
 class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lada: LadaConfig = field(default_factory=LadaConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,6 +176,7 @@ SECTIONS: dict[str, type] = {
     "lada": LadaConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
 }
 
 

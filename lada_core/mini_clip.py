@@ -269,9 +269,9 @@ def pretrain_data(recipe: Recipe, size: int = 32) -> PretrainData:
         domains.append(np.full(len(y), order.index(domain), dtype=np.int64))
     for domain in recipe.covered:
         if domain == "fashion":
-            raw = load_fashion_mnist()
+            raw = load_fashion_mnist(splits=("train",))  # never the test file
             xtr, ytr = raw["train"]
-            pool = fashion_split(ytr, raw["test"][1]).pretrain
+            pool = fashion_split(ytr).pretrain
             pick = np.sort(rng.choice(pool, size=min(recipe.fashion_images, pool.size), replace=False))
             px = np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC).convert("RGB")) for a in xtr[pick]])
             y = ytr[pick]

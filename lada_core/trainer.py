@@ -80,6 +80,7 @@ class TaskEnd:
     checkpoint_dir: Path
     seconds: float
     resumed: bool = False  # True when the step was loaded from a checkpoint, not trained now
+    peek: dict[str, float] = field(default_factory=dict)  # eval.peek_test: test/<metric> of this step (exploration only)
 
 
 @dataclass
@@ -324,6 +325,8 @@ def run_continual(
     if source is None and bundle is None:
         raise ValueError("run_continual needs a feature bundle or a source")
     src: FeatureSource = source if source is not None else CachedSource(bundle)  # type: ignore[arg-type]
+    split = cfg.eval.split  # the accuracy matrix is over this split only; the other one is never read
+    peek_rows: list[np.ndarray] = []  # eval.peek_test: the test rows of the tasks trained in this call
     names = src.task_names
     n_tasks = len(names)
     offsets = src.offsets
@@ -499,16 +502,17 @@ def run_continual(
         ev = EvalState(st.text_seen, text_zs, st.units if lc.use_units else None, st.class_map if lc.use_units else None, lc.tau, lc.alpha, lc.beta, lc.selector)
         with torch.no_grad():
             row = np.array(
-                [accuracy(src.test_features(t), src.test_labels(t), offsets[t], ev, cfg.train.eval_batch_size, device) for t in range(n_tasks)]
+                [accuracy(src.eval_features(t, split), src.eval_labels(t, split), offsets[t], ev, cfg.train.eval_batch_size, device) for t in range(n_tasks)]
             )
         st.rows.append(row)
+        peek = _peek_test(cfg, src, ev, offsets, peek_rows, names, device, k) if rank == 0 else {}
         secs = time.time() - t_task
         ckpt = _save_checkpoint(out, k, names[k], st, cfg, secs, src.key) if rank == 0 else out / f"task-{k:03d}"
         if rank == 0:
             log(f"[task {k + 1}/{n_tasks} {names[k]}] done in {secs:.1f}s: " + " ".join(f"{a:.1f}" for a in row))
         if on_task_end is not None:
             rows = np.stack(st.rows)
-            on_task_end(TaskEnd(k, names[k], n_tasks, row, rows, _step_metrics(rows, names), ckpt, secs))
+            on_task_end(TaskEnd(k, names[k], n_tasks, row, rows, _step_metrics(rows, names), ckpt, secs, peek=peek))
 
     matrix = np.stack(st.rows)
     result = RunResult(matrix, names, M.summarize(matrix), M.per_dataset(matrix, names), counts, time.time() - t_run)
@@ -518,6 +522,22 @@ def run_continual(
 def _extend_bank(bank: GaussianBank, new: GaussianBank, device: torch.device) -> GaussianBank:
     new = GaussianBank(*(t.to(device) for t in (new.means, new.variances, new.weights, new.labels)))
     return bank.extend(new)
+
+
+def _peek_test(cfg: Any, src: Any, ev: Any, offsets: list[int], peek_rows: list[np.ndarray], names: list[str], device: torch.device, k: int) -> dict[str, float]:
+    """``eval.peek_test`` with ``eval.split=val``: this step's metrics on the test split too, named
+    ``test/<metric>`` (for exploration; never what a sweep selects on). A resumed run has no test rows
+    of the tasks done before it: it then gives only this step's ``test/acc/<dataset>``."""
+    if not cfg.eval.peek_test or cfg.eval.split == "test":
+        return {}
+    with torch.no_grad():
+        row = np.array([accuracy(src.eval_features(t, "test"), src.eval_labels(t, "test"), offsets[t], ev, cfg.train.eval_batch_size, device)
+                        for t in range(len(names))])
+    peek_rows.append(row)
+    metrics = _step_metrics(np.stack(peek_rows), names) if len(peek_rows) == k + 1 else {}
+    metrics.pop(M.TASK_INDEX, None)
+    metrics.update({f"acc/{n}": float(a) for n, a in zip(names, row)})
+    return {f"test/{k}": v for k, v in metrics.items()}
 
 
 def _step_metrics(rows: np.ndarray, names: list[str]) -> dict[str, float]:

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from lada_core.cli import cache_main
-from lada_core.features import CacheError, load_bundle
-from lada_core.features.cache import MANIFEST, build_cache, check_cache, quick_check
+from lada_core.features import CacheError, bundle_splits, load_bundle
+from lada_core.features.cache import BUNDLE, MANIFEST, build_cache, check_cache, quick_check
 
 ROOT = Path(__file__).resolve().parent.parent
 VIEWS, CLASSES, TRAIN, TEST, D = 2, 2, 6, 2, 32  # lada-tiny: embed_dim 32
@@ -79,14 +79,19 @@ def built(bench: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One finished cache (tests that damage a cache work on copies)."""
     root = tmp_path_factory.mktemp("cache")
     assert cache_main(cache_args(bench, root)) == 0
-    (path,) = [p for p in root.iterdir() if p.is_dir()]
+    (path,) = [p for p in root.iterdir() if (p / BUNDLE).is_file()]
+    assert sorted(bundle_splits(path)) == ["test", "train"]  # no val/ folders, too few images to hold out
     return path
 
 
 def damaged_copy(built: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "caches" / built.name
-    shutil.copytree(built, dst)
-    return dst
+    """A copy of the whole cache root; returns the copied bundle."""
+    shutil.copytree(built.parent, tmp_path / "caches")
+    return tmp_path / "caches" / built.name
+
+
+def split_dir(bundle: Path, split: str) -> Path:
+    return bundle_splits(bundle)[split]
 
 
 # ----------------------------------------------------------------------------------------- the key
@@ -113,30 +118,40 @@ def test_same_inputs_reuse_and_changed_inputs_get_new_keys(bench: Path, built: P
         "seed": cache_args(bench, cache_root, "--set", "data.sample_seed=7"),
     }
     keys = {built.name}
+    test_key = split_dir(built, "test").name
     for what, args in variants.items():
         path, err = build(capsys, args)
         assert "building" in err, what
         assert path.parent == cache_root and path.name not in keys, what
         keys.add(path.name)
-        assert json.loads((path / MANIFEST).read_text())["key"] == path.name
-    assert json.loads((cache_root / keys.pop() / MANIFEST).read_text())  # every folder is a finished cache
+        assert json.loads((path / BUNDLE).read_text())["key"] == path.name
+        for folder in bundle_splits(path).values():
+            assert json.loads((folder / MANIFEST).read_text())["key"] == folder.name
+        # Each split has its own key: views, shots and the seed change the training split only, so
+        # the test features are reused (not encoded again); another model changes every split.
+        assert (split_dir(path, "test").name == test_key) == (what != "model"), what
+        assert ("reusing" in err and "test" in err) == (what != "model"), what
 
 
 # ------------------------------------------------------------------------------ layout and bundle
 
 
 def test_manifest_shards_arrays_and_memory_mapped_bundle(built: Path) -> None:
-    m = json.loads((built / MANIFEST).read_text())
-    assert m["views"] == VIEWS and m["embed_dim"] == D and [t["name"] for t in m["tasks"]] == ["set0", "set1"]
+    b = json.loads((built / BUNDLE).read_text())
+    assert b["views"] == VIEWS and b["embed_dim"] == D and [t["name"] for t in b["tasks"]] == ["set0", "set1"]
+    train_dir, test_dir = split_dir(built, "train"), split_dir(built, "test")
+    m = json.loads((train_dir / MANIFEST).read_text())
+    mt = json.loads((test_dir / MANIFEST).read_text())
+    assert (m["split"], mt["split"]) == ("train", "test") and "test" not in m["tasks"][0] and "train" not in mt["tasks"][0]
     n, vps = CLASSES * TRAIN, VIEWS + 1
-    for t in m["tasks"]:
-        tr, te = t["train"], t["test"]
+    for t, tt in zip(m["tasks"], mt["tasks"]):
+        tr, te = t["train"], tt["test"]
         assert (tr["samples"], tr["rows"], tr["views_per_sample"]) == (n, n * vps, vps)
         assert (te["samples"], te["rows"], te["views_per_sample"]) == (CLASSES * TEST, CLASSES * TEST, 1)
         assert sum(s["rows"] for s in tr["shards"]) == tr["rows"] and len(tr["shards"]) == n * vps // 6
-        for s in tr["shards"] + te["shards"]:
-            assert (built / s["file"]).is_file() and s["rows"] <= 6
-        assert not list(built.rglob("*.tmp*"))
+        for folder, s in [(train_dir, s) for s in tr["shards"]] + [(test_dir, s) for s in te["shards"]]:
+            assert (folder / s["file"]).is_file() and s["rows"] <= 6
+        assert not list(built.parent.rglob("*.tmp*"))
 
     bundle = load_bundle(built)
     assert bundle.class_names == ["class 0 0", "class 0 1", "class 1 0", "class 1 1"]  # "_" -> space
@@ -154,9 +169,34 @@ def test_manifest_shards_arrays_and_memory_mapped_bundle(built: Path) -> None:
     from lada_core.features.cache import read_shard
 
     s0 = m["tasks"][0]["train"]["shards"][1]
-    emb, meta = read_shard(built / s0["file"], s0["rows"])
+    emb, meta = read_shard(train_dir / s0["file"], s0["rows"])
     flat = np.asarray(bundle.tasks[0].train).reshape(-1, D)
     assert np.array_equal(flat[6:12], emb) and np.array_equal(meta[:, 0], np.arange(6, 12) // vps)
+
+
+def test_each_split_is_encoded_only_when_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bundle of train and val only (what a sweep tunes on) builds with every test image deleted:
+    no test folder is listed, no test image opened, no test split encoded; the test split is added
+    later under its own key, the train and val splits reused."""
+    bench = make_folder_benchmark(tmp_path / "data", train=10)
+    for t in range(2):  # 10 train images per class, val_fraction 0.5 holds 5 out
+        shutil.move(str(tmp_path / "data" / f"set{t}" / "test"), str(tmp_path / f"test{t}"))
+    root = tmp_path / "cache"
+    tuned, err = build(capsys, cache_args(bench, root, "--splits", "train,val", "--set", "data.val_fraction=0.5"))
+    assert sorted(bundle_splits(tuned)) == ["train", "val"] and len([p for p in root.iterdir()]) == 3
+    b = load_bundle(tuned)
+    assert all(t.test is None and t.val is not None and t.val.shape == (CLASSES * 5, D) for t in b.tasks)
+    with pytest.raises(CacheError, match="no 'test' features"):
+        b.tasks[0].eval_split("test")
+    capsys.readouterr()
+    assert cache_main(cache_args(bench, root, "--splits", "train,test", "--set", "data.val_fraction=0.5")) == 1
+    assert "image folder needs train/<class>/ and test/<class>/" in capsys.readouterr().err  # opened only now
+    for t in range(2):
+        shutil.move(str(tmp_path / f"test{t}"), str(tmp_path / "data" / f"set{t}" / "test"))
+    full, err = build(capsys, cache_args(bench, root, "--set", "data.val_fraction=0.5"))  # default: every split
+    assert bundle_splits(full)["train"] == bundle_splits(tuned)["train"] and bundle_splits(full)["val"] == bundle_splits(tuned)["val"]
+    assert err.count("reusing") == 2 and "building test" in err
+    assert load_bundle(full).tasks[1].test.shape == (CLASSES * TEST, D)  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------------------------------ --check
@@ -177,7 +217,7 @@ def test_check_sound_cache_and_cache_root(built: Path, capsys: pytest.CaptureFix
 
 def test_truncated_shard(built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache = damaged_copy(built, tmp_path)
-    shard = cache / "set1" / "train-00002.parquet"
+    shard = split_dir(cache, "train") / "set1" / "train-00002.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     rc, _, err = _check(cache, capsys)
     assert rc == 1 and str(shard) in err and "1 problem" in err
@@ -188,7 +228,7 @@ def test_truncated_shard(built: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_flipped_byte_in_array_is_caught_by_check_and_on_reuse(bench: Path, built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache = damaged_copy(built, tmp_path)
-    arr = cache / "set0" / "train.emb.npy"
+    arr = split_dir(cache, "train") / "set0" / "train.emb.npy"
     data = bytearray(arr.read_bytes())
     data[-7] ^= 0x10
     arr.write_bytes(bytes(data))
@@ -200,12 +240,12 @@ def test_flipped_byte_in_array_is_caught_by_check_and_on_reuse(bench: Path, buil
     err = capsys.readouterr().err
     assert f"corrupt cache file {arr}" in err and len(err.strip().splitlines()) == 1
     # load_bundle alone only checks structure (documented): the bit flip passes its quick check.
-    quick_check(cache)
+    quick_check(split_dir(cache, "train"))
 
 
 def test_flipped_byte_in_shard(built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache = damaged_copy(built, tmp_path)
-    shard = cache / "set0" / "test-00000.parquet"
+    shard = split_dir(cache, "test") / "set0" / "test-00000.parquet"
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x01
     shard.write_bytes(bytes(data))
@@ -215,7 +255,7 @@ def test_flipped_byte_in_shard(built: Path, tmp_path: Path, capsys: pytest.Captu
 
 def test_missing_shard(built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache = damaged_copy(built, tmp_path)
-    shard = cache / "set0" / "train-00001.parquet"
+    shard = split_dir(cache, "train") / "set0" / "train-00001.parquet"
     shard.unlink()
     rc, _, err = _check(cache, capsys)
     assert rc == 1 and f"missing shard {shard}" in err
@@ -225,16 +265,16 @@ def test_missing_shard(built: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_missing_manifest_is_an_incomplete_cache(built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache = damaged_copy(built, tmp_path)
-    (cache / MANIFEST).unlink()
+    (split_dir(cache, "train") / MANIFEST).unlink()
     rc, _, err = _check(cache, capsys)
-    assert rc == 1 and "incomplete feature cache" in err and str(cache) in err and MANIFEST in err
+    assert rc == 1 and "incomplete feature cache" in err and str(split_dir(cache, "train")) in err and MANIFEST in err
     with pytest.raises(CacheError, match="incomplete"):
         load_bundle(cache)
 
 
 def test_truncated_array_is_caught_on_load(built: Path, tmp_path: Path) -> None:
     cache = damaged_copy(built, tmp_path)
-    arr = cache / "set1" / "test.emb.npy"
+    arr = split_dir(cache, "test") / "set1" / "test.emb.npy"
     arr.write_bytes(arr.read_bytes()[:-10])
     with pytest.raises(CacheError) as exc:
         load_bundle(cache)
@@ -269,17 +309,15 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_cache(tmp_path: Path, capsys
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    (cache,) = [p for p in killed_root.iterdir() if p.is_dir()]
-    assert not (cache / MANIFEST).exists()
-    done = len(list(cache.rglob("*.parquet")))
+    assert not list(killed_root.rglob(MANIFEST)) and not list(killed_root.rglob(BUNDLE))
+    done = len(list(killed_root.rglob("*.parquet")))
     assert 0 < done < 2 * (2 * 8 + 2)
 
-    path, err = build(capsys, args)
-    assert path == cache and f"resuming ({done} shards already done)" in err
+    cache, err = build(capsys, args)
+    assert f"resuming ({done} shards already done)" in err
     clean, _ = build(capsys, cache_args(bench, clean_root, shard_rows=3))
     assert clean.name == cache.name
-    assert (cache / MANIFEST).read_bytes() == (clean / MANIFEST).read_bytes()
-    a, b = tree_bytes(cache), tree_bytes(clean)
+    a, b = tree_bytes(killed_root), tree_bytes(clean_root)
     assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
     assert check_cache(cache) == []
 
@@ -287,16 +325,17 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_cache(tmp_path: Path, capsys
 def test_resume_ignores_a_shard_of_another_layout(bench: Path, built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A leftover shard whose rows differ (another shard size) is re-encoded, never reused."""
     cache = damaged_copy(built, tmp_path)
-    (cache / MANIFEST).unlink()
-    for p in cache.rglob("*.npy"):
+    train = split_dir(cache, "train")
+    (train / MANIFEST).unlink()
+    for p in train.rglob("*.npy"):
         p.unlink()
     # Pretend shard 1 of set0 came from a build with another layout: rename shard 3 onto it.
-    os.replace(cache / "set0" / "train-00003.parquet", cache / "set0" / "train-00001.parquet")
-    (cache / "set0" / "train-00001.parquet.tmp-somehost-1").write_bytes(b"partial")  # a killed writer's leftover
+    os.replace(train / "set0" / "train-00003.parquet", train / "set0" / "train-00001.parquet")
+    (train / "set0" / "train-00001.parquet.tmp-somehost-1").write_bytes(b"partial")  # a killed writer's leftover
     path, err = build(capsys, cache_args(bench, cache.parent))
     assert path == cache and "resuming" in err
-    assert filecmp.cmp(cache / MANIFEST, built / MANIFEST, shallow=False)
-    assert not list(cache.rglob("*.tmp-*"))
+    assert filecmp.cmp(train / MANIFEST, split_dir(built, "train") / MANIFEST, shallow=False)
+    assert not list(cache.parent.rglob("*.tmp-*"))
 
 
 # ------------------------------------------------------------------------------------ bounded memory
@@ -401,8 +440,7 @@ def test_ray_fan_out_builds_the_same_cache(bench: Path, tmp_path: Path, capsys: 
     finally:
         torch.set_num_threads(threads)
     assert ray_cache.name == local_cache.name
-    assert (ray_cache / MANIFEST).read_bytes() == (local_cache / MANIFEST).read_bytes()
-    assert tree_bytes(ray_cache) == tree_bytes(local_cache)
+    assert tree_bytes(ray_cache.parent) == tree_bytes(local_cache.parent)
     assert check_cache(ray_cache) == []
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from xtail_fixture import make_xtail_tree, num_classes
+from xtail_fixture import make_xtail_tree, num_classes, remove_test_images
 
 from lada_core.benchmarks.xtail import ORDER_I
 from lada_core.cli import cache_main, train_main
-from lada_core.features import load_bundle
+from lada_core.features import bundle_splits, load_bundle
 
 C, TRAIN, TEST = 2, 2, 1
 N_CLASSES = sum(num_classes(d, C) for d in ORDER_I)  # MNIST and EuroSAT keep their ten classes
@@ -74,7 +74,8 @@ def test_xtail_through_lada_cache_and_lada_train(xroot: Path, tmp_path: Path, ca
     assert seen_widths and set(seen_widths) == {N_CLASSES} and len(seen_widths) == 10 * 10
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task_names"] == list(ORDER_I)
-    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # lada-train reused the cache
+    # lada-train (train + test, as the paper reports) reused the cache: no other folder appeared.
+    assert {p.name for p in cache.parent.iterdir()} == {cache.name, *(p.name for p in bundle_splits(cache).values())}
 
 
 def write_yaml(path: Path, root: Path, readers: list[str]) -> Path:
@@ -132,3 +133,88 @@ def test_unreadable_image(xroot: Path, tmp_path: Path, capsys: pytest.CaptureFix
             assert train_main([*base, *extra, "--output", str(tmp_path / f"o{len(extra)}")]) == 2
             (line,) = error_lines(capsys.readouterr().err, "lada-train")
             assert str(bad) in line
+
+
+def test_tuning_on_val_reads_no_test_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``eval.split=val`` (what every sweep trial runs): the cache, the training and the evaluation never
+    open a test image, a test idx file or a test feature. Counted at the readers: every image file
+    opened, every idx file read, every lazy test split opened, every cache array memory-mapped."""
+    import numpy as np_
+
+    import lada_core.benchmarks.base as base
+    import lada_core.benchmarks.xtail as xtail
+    from lada_core.cli import train
+    from lada_core.config import build_config
+
+    root = make_xtail_tree(tmp_path / "x", C, 10, 2, val_per_class=2)
+    tests = {str(p) for p in _test_files(root)}
+    opened: list[str] = []
+    lazy_opened: list[str] = []
+    real_load, real_idx, real_get, real_np_load = base.FileImages.load, xtail.read_idx, base.LazyImages._get, np_.load
+
+    def load(self, index):  # noqa: ANN001, ANN202
+        opened.append(str(Path(self.root) / self.paths[index]))
+        return real_load(self, index)
+
+    def idx(path):  # noqa: ANN001, ANN202
+        opened.append(str(path))
+        return real_idx(path)
+
+    def get(self):  # noqa: ANN001, ANN202
+        lazy_opened.append(self.what)
+        return real_get(self)
+
+    def np_load(path, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        opened.append(str(path))
+        return real_np_load(path, *a, **kw)
+
+    monkeypatch.setattr(base.FileImages, "load", load)
+    monkeypatch.setattr(xtail, "read_idx", idx)
+    monkeypatch.setattr(base.LazyImages, "_get", get)
+    monkeypatch.setattr(np_, "load", np_load)
+    sets = [s for s in tiny(tmp_path / "cache")[3:] if s != "--set"] + [f"data.cache_root={tmp_path / 'cache'}"]
+    cfg = build_config(overrides=[*sets, "data.benchmark=xtail", f"data.data_root={root}", "data.shots=null", "eval.split=val"])
+    result = train(cfg, tmp_path / "run", quiet=True)
+    assert result.matrix.shape == (10, 10)
+    assert any("train" in p for p in opened) and any("val.emb.npy" in p for p in opened)  # the counters do count
+    assert lazy_opened == [], lazy_opened
+    assert not [p for p in opened if p in tests or "t10k" in p or Path(p).name.startswith("test")], opened
+    assert not list((tmp_path / "cache").glob("*/*/test*")), "no test split was encoded"
+    # The same run with the test images gone from disk gives the same matrix.
+    remove_test_images(root)
+    again = train(cfg, tmp_path / "run2", quiet=True)
+    np.testing.assert_array_equal(again.matrix, result.matrix)
+
+
+def test_peek_test_adds_test_metrics_beside_the_validation_ones(tmp_path: Path) -> None:
+    """``eval.peek_test`` with ``eval.split=val``: the matrix stays on validation data; each step also
+    carries ``test/...`` metrics, which are the test matrix's."""
+    from lada_core.cli import train
+    from lada_core.config import build_config
+
+    root = make_xtail_tree(tmp_path / "x", C, 10, 2, val_per_class=2)
+    bench = write_yaml(tmp_path / "b.yaml", root, ["DTD", "MNIST", "Flowers"])
+    sets = [s for s in tiny(tmp_path / "cache")[3:] if s != "--set"] + [f"data.cache_root={tmp_path / 'cache'}"]
+    base = [*sets, f"data.benchmark={bench}", "data.shots=null"]
+    steps: list = []
+    peeked = train(build_config(overrides=[*base, "eval.split=val", "eval.peek_test=true"]), tmp_path / "p", quiet=True, on_task_end=steps.append)
+    val = train(build_config(overrides=[*base, "eval.split=val"]), tmp_path / "v", quiet=True)
+    test = train(build_config(overrides=[*base, "eval.split=test"]), tmp_path / "t", quiet=True)
+    np.testing.assert_array_equal(peeked.matrix, val.matrix)  # peeking changes nothing that is tuned on
+    last = steps[-1].peek
+    assert last["test/average"] == pytest.approx(test.summary["average"]) and last["test/last"] == pytest.approx(test.summary["last"])
+    assert last["test/acc/Flowers"] == pytest.approx(test.matrix[-1, 2])
+    assert all(k.startswith("test/") for s in steps for k in s.peek) and not any(k.startswith("test/") for k in steps[-1].metrics)
+
+
+def _test_files(root: Path) -> list[Path]:
+    """The test files of a fixture tree (what :func:`remove_test_images` deletes), without deleting."""
+    import shutil as sh
+
+    copy = root.parent / (root.name + "-probe")
+    sh.copytree(root, copy)
+    before = {p.relative_to(copy) for p in copy.rglob("*") if p.is_file()}
+    remove_test_images(copy)
+    after = {p.relative_to(copy) for p in copy.rglob("*") if p.is_file()}
+    sh.rmtree(copy)
+    return [root / p for p in before - after]

@@ -75,8 +75,9 @@ def test_aircraft_reads_variant_lists(xroot: Path) -> None:
     assert ds.class_names == ["707-320", "A300B4", "F/A-18"]
     lines = (xroot / "Aircraft" / "images_variant_test.txt").read_text().splitlines()
     image_id, _, variant = lines[-1].partition(" ")
-    assert ds.test.paths[-1] == f"{image_id}.jpg"  # type: ignore[attr-defined]
+    assert not ds.test.opened  # type: ignore[attr-defined]  # the test split is opened on first use
     assert ds.class_names[int(ds.test.labels[-1])] == variant
+    assert ds.test._get().paths[-1] == f"{image_id}.jpg"  # type: ignore[attr-defined]
 
 
 MNIST_AUTHORS_NAMES = [
@@ -206,8 +207,24 @@ def test_missing_listed_image(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         read_dataset("OxfordPets", root)
     msg = str(err.value)
-    assert "OxfordPets: 2 image(s) listed in" in msg and "split_zhou_OxfordPets.json" in msg
-    assert msg.endswith(f"first: {root / 'Pets' / 'images' / second}")  # train is checked first
+    assert "OxfordPets: 1 image(s) listed in" in msg and "split_zhou_OxfordPets.json" in msg
+    assert msg.endswith(f"first: {root / 'Pets' / 'images' / second}")  # train (and val) are checked at build
+
+
+def test_missing_test_image_fails_only_when_the_test_split_is_opened(tmp_path: Path) -> None:
+    """Tuning never opens the test split: a reader builds without its test images, and the first use
+    of the test split names the missing file."""
+    root = make_xtail_tree(tmp_path, 2, 2, 1)
+    split = json.loads((root / "Pets" / "split_zhou_OxfordPets.json").read_text())
+    first = split["test"][0][0]
+    (root / "Pets" / "images" / first).unlink()
+    (root / "MNIST" / "MNIST" / "raw" / "t10k-images-idx3-ubyte").unlink()
+    pets, mnist = read_dataset("OxfordPets", root), read_dataset("MNIST", root)
+    assert len(pets.train) == 4 and len(mnist.train) == 20
+    with pytest.raises(DataError, match=rf"OxfordPets: 1 image\(s\) listed in .*first: {root / 'Pets' / 'images' / first}"):
+        len(pets.test)
+    with pytest.raises(DataError, match=r"MNIST: idx file t10k-images-idx3-ubyte"):
+        mnist.test.fingerprint()
 
 
 def test_missing_aircraft_image(tmp_path: Path) -> None:
@@ -225,7 +242,7 @@ def test_missing_image_folder_and_idx(tmp_path: Path) -> None:
         read_dataset("DTD", root)
     (root / "MNIST" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DataError, match=r"MNIST: idx file t10k-labels-idx1-ubyte \(or .*\.gz\) not found"):
-        read_dataset("MNIST", root)
+        len(read_dataset("MNIST", root).test)  # the test idx files are read on first use
 
 
 def test_unreadable_image_names_the_file(tmp_path: Path) -> None:

@@ -179,11 +179,31 @@ def make_xtail_tree(
     return root
 
 
+def remove_test_images(root: Path) -> int:
+    """Delete every test image of a tree written by :func:`make_xtail_tree` (CoOp names): the images
+    the split files and FGVC's test list name, and MNIST's t10k files. Returns how many files went."""
+    root = Path(root)
+    gone: list[Path] = []
+    for split_file in sorted(root.glob("*/split_zhou_*.json")):
+        image_dir = {"split_zhou_Caltech101.json": "101_ObjectCategories", "split_zhou_DescribableTextures.json": "images",
+                     "split_zhou_EuroSAT.json": "2750", "split_zhou_OxfordFlowers.json": "jpg", "split_zhou_Food101.json": "images",
+                     "split_zhou_OxfordPets.json": "images", "split_zhou_StanfordCars.json": "",
+                     "split_zhou_SUN397.json": "SUN397"}[split_file.name]
+        gone += [split_file.parent / image_dir / rel for rel, _, _ in json.loads(split_file.read_text())["test"]]
+    aircraft = root / "Aircraft"
+    gone += [aircraft / "images" / f"{line.split()[0]}.jpg" for line in (aircraft / "images_variant_test.txt").read_text().splitlines() if line.strip()]
+    gone += sorted((root / "MNIST" / "MNIST" / "raw").glob("t10k-*"))
+    for f in gone:
+        f.unlink()
+    return len(gone)
+
+
 __all__ = [
     "COOP_FOLDERS",
     "EUROSAT_SPLIT_NAMES",
     "RAIL_FOLDERS",
     "make_xtail_tree",
     "num_classes",
+    "remove_test_images",
     "raw_class_names",
 ]

@@ -25,7 +25,9 @@ class DataError(ValueError):
 class ImageSource(Protocol):
     """Random access to the images of one split; ``labels`` are the task's local labels."""
 
-    labels: np.ndarray  # [N] int64, local to the task
+    @property
+    def labels(self) -> np.ndarray:  # [N] int64, local to the task
+        ...
 
     def __len__(self) -> int: ...
 
@@ -124,6 +126,42 @@ class Subset:
         return h.hexdigest()[:16]
 
 
+class LazyImages:
+    """An image source built on first use (``make()``): a test split is only opened when something
+    needs it, so building a benchmark and tuning on its validation split never touch a test file.
+    ``make`` must be picklable (a module-level function or a ``functools.partial`` of one): the
+    benchmark travels to Ray encoder actors. ``opened`` says whether it has been built."""
+
+    def __init__(self, make: Callable[[], ImageSource], what: str) -> None:
+        self.make, self.what = make, what
+        self._src: ImageSource | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self._src is not None
+
+    def _get(self) -> ImageSource:
+        if self._src is None:
+            self._src = self.make()
+        return self._src
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._get().labels
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def load(self, index: int) -> Any:
+        return self._get().load(index)
+
+    def fingerprint(self) -> str:
+        return self._get().fingerprint()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"make": self.make, "what": self.what, "_src": None}  # never ship opened pixels
+
+
 @dataclass
 class Task:
     """One step of the continual sequence."""
@@ -139,6 +177,13 @@ class Task:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def split(self, name: str) -> ImageSource | None:
+        """The image source of split ``name`` (``train``, ``val`` or ``test``)."""
+        if name not in ("train", "val", "test"):
+            raise DataError(f"unknown split {name!r} (valid: train, val, test)")
+        src: ImageSource | None = getattr(self, name)
+        return src
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(np.asarray(self.train.labels, dtype=np.int64), minlength=self.num_classes)
@@ -166,8 +211,10 @@ class Benchmark:
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    def spec(self) -> dict[str, Any]:
-        """What identifies the data (used in the cache key): names, classes, content fingerprints."""
+    def spec(self, splits: Sequence[str] = ("train", "val", "test")) -> dict[str, Any]:
+        """What identifies the data: names, classes, content fingerprints of ``splits`` (a task's
+        ``val`` only where it has one). Only the named splits are opened: a lazy test split is not
+        read unless ``"test"`` is asked for."""
         return {
             "benchmark": self.name,
             "tasks": [
@@ -175,16 +222,29 @@ class Benchmark:
                     "name": t.name,
                     "classes": t.class_names,
                     "augment": t.augment,
-                    "train": t.train.fingerprint(),
-                    "test": t.test.fingerprint(),
-                    **({"val": t.val.fingerprint()} if t.val is not None else {}),
+                    **{s: src.fingerprint() for s in splits if (src := t.split(s)) is not None},
                 }
                 for t in self.tasks
             ],
         }
 
-    def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
+    def split_spec(self, split: str) -> dict[str, Any]:
+        """What identifies one split of every task (the key of that split's feature cache). Raises
+        :class:`DataError` naming the first task without such a split."""
+        missing = [t.name for t in self.tasks if t.split(split) is None]
+        if missing:
+            raise DataError(f"benchmark {self.name}: task {missing[0]} has no {split} images (data.val_per_class=0?)")
+        spec = self.spec((split,))
+        if split != "train":
+            for t in spec["tasks"]:
+                t.pop("augment")  # only training views are augmented
+        return {**spec, "split": split}
+
+    def has_split(self, split: str) -> bool:
+        return all(t.split(split) is not None for t in self.tasks)
+
+    def spec_hash(self, splits: Sequence[str] = ("train", "val", "test")) -> str:
+        return hashlib.sha256(json.dumps(self.spec(splits), sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> Benchmark:
         names = [t.name for t in self.tasks]
@@ -192,8 +252,8 @@ class Benchmark:
             raise DataError(f"benchmark {self.name}: task names must be unique, got {names}")
         for t in self.tasks:
             for split, src in (("train", t.train), ("test", t.test), ("val", t.val)):
-                if src is None:
-                    continue
+                if src is None or (isinstance(src, LazyImages) and not src.opened):
+                    continue  # a lazy split is checked when it is opened
                 labels = np.asarray(src.labels)
                 if len(src) == 0:
                     raise DataError(f"benchmark {self.name}: task {t.name} has no {split} images")

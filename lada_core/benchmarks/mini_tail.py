@@ -35,12 +35,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from lada_core.benchmarks import register
-from lada_core.benchmarks.base import ArrayImages, Benchmark, DataError, ImageSource, Subset, Task, few_shot_indices
+from lada_core.benchmarks.base import ArrayImages, Benchmark, DataError, ImageSource, LazyImages, Subset, Task, few_shot_indices
 from lada_core.benchmarks.idx import read_idx
 from lada_core.benchmarks.render import CHESS, COLOURS, DIGITS, GREEK, SHAPES, TEXTURES, RenderedImages, balanced_labels
 
@@ -86,8 +87,9 @@ def _find(root: Path, stem: str) -> Path:
     )
 
 
-def load_fashion_mnist(root: str | Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"train": (images [60000,28,28] uint8, labels), "test": (...)}`` from the idx files."""
+def load_fashion_mnist(root: str | Path | None = None, splits: tuple[str, ...] = ("train", "test")) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"train": (images [60000,28,28] uint8, labels), "test": (...)}`` from the idx files (only
+    the ``splits`` asked for are read: the test file is never opened while tuning)."""
     base = Path(root) if root else Path(os.environ.get("LADA_FASHION_MNIST_DIR", FASHION_DIR))
     if root and (base / "fashion-mnist").is_dir():
         base = base / "fashion-mnist"
@@ -98,6 +100,8 @@ def load_fashion_mnist(root: str | Path | None = None) -> dict[str, tuple[np.nda
         )
     out = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
+        if split not in splits:
+            continue
         images = read_idx(_find(base, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find(base, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
         out[split] = (images, labels)
@@ -132,10 +136,19 @@ class FashionSplit:
     test: np.ndarray
 
 
-def fashion_split(train_labels: np.ndarray, test_labels: np.ndarray) -> FashionSplit:
+def fashion_split(train_labels: np.ndarray, test_labels: np.ndarray | None = None) -> FashionSplit:
+    """The cut of Fashion-MNIST; ``test`` is empty when ``test_labels`` is not given (the train file's
+    cut does not depend on the test file)."""
     train, val, rest = _per_class_cut(train_labels, [TRAIN_PER_CLASS, VAL_PER_CLASS, None], SPLIT_SEED)
-    (test,) = _per_class_cut(test_labels, [TEST_PER_CLASS], SPLIT_SEED + 1)
+    test = np.zeros(0, np.int64) if test_labels is None else _per_class_cut(test_labels, [TEST_PER_CLASS], SPLIT_SEED + 1)[0]
     return FashionSplit(train, val, rest, test)
+
+
+def fashion_test(data_root: str | None = None) -> ArrayImages:
+    """mini-tail's Fashion-MNIST test images (from the t10k file; read only when first used)."""
+    xte, yte = load_fashion_mnist(data_root, ("test",))["test"]
+    (test,) = _per_class_cut(yte, [TEST_PER_CLASS], SPLIT_SEED + 1)
+    return ArrayImages(xte[test], yte[test], origin="fashion-mnist:test")
 
 
 def load_digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -172,13 +185,11 @@ def hash_seed(*parts: str) -> int:
 def domain_splits(domain: str, data_root: str | None = None) -> dict[str, ImageSource]:
     """``{"train", "val", "test"}`` image sources of one domain (local labels), disjoint."""
     if domain == "fashion":
-        raw = load_fashion_mnist(data_root)
-        (xtr, ytr), (xte, yte) = raw["train"], raw["test"]
-        sp = fashion_split(ytr, yte)
-        return _arrays(
-            {"train": (xtr[sp.train], ytr[sp.train]), "val": (xtr[sp.val], ytr[sp.val]), "test": (xte[sp.test], yte[sp.test])},
-            "fashion-mnist",
-        )
+        xtr, ytr = load_fashion_mnist(data_root, ("train",))["train"]
+        sp = fashion_split(ytr)
+        out = _arrays({"train": (xtr[sp.train], ytr[sp.train]), "val": (xtr[sp.val], ytr[sp.val])}, "fashion-mnist")
+        out["test"] = LazyImages(partial(fashion_test, data_root), "fashion test")  # the t10k file, read on first use
+        return out
     if domain == "digits":
         return _arrays(load_digits_split(), "sklearn-digits")
     if domain in DOMAINS:

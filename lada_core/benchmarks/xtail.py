@@ -27,8 +27,10 @@ A split file is ``{"train": [[relpath, label, classname], ...], "val": [...], "t
 ``relpath`` relative to the image folder. Tasks train on ``train`` and are evaluated on ``test``;
 ``val`` (and FGVC's ``images_variant_val.txt``) becomes the task's validation split, at most
 ``val_per_class`` images per class; a dataset without one (MNIST) holds validation images out of its
-training pool (:func:`make_task`). Every image listed for ``train``, ``val`` and ``test`` is checked to exist when the
-benchmark is built (one directory listing per folder), so a wrong root fails at once.
+training pool (:func:`make_task`). Every image listed for ``train`` and ``val`` is checked to exist when the
+benchmark is built (one directory listing per folder), so a wrong root fails at once; ``test`` images
+are checked and read only when the test split is first used (:class:`~lada_core.benchmarks.base.LazyImages`:
+tuning on validation data never opens a test file, and runs with the test images removed).
 
 Class names: from the split files (``_`` replaced by a space) or ``variants.txt``; MNIST and EuroSAT
 names are data files of this package (``lada_core/data/{mnist,eurosat}_classnames.txt``, the authors'
@@ -51,6 +53,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,7 @@ from lada_core.benchmarks.base import (
     DataError,
     FileImages,
     ImageSource,
+    LazyImages,
     Subset,
     Task,
     cap_per_class,
@@ -184,6 +188,18 @@ def check_files_exist(image_dir: Path, relpaths: Iterable[str], listed_in: str |
         )
 
 
+def checked_files(root: Path, paths: Sequence[str], labels: np.ndarray, listed_in: str, dataset: str) -> FileImages:
+    """A :class:`FileImages` whose files are checked to exist first (the deferred check of a lazy
+    test split: run when the split is first opened, never while a sweep tunes on validation data)."""
+    check_files_exist(Path(root), paths, listed_in, dataset)
+    return FileImages(Path(root), list(paths), np.asarray(labels, dtype=np.int64))
+
+
+def lazy_files(root: Path, paths: Sequence[str], labels: np.ndarray, listed_in: str | Path, dataset: str) -> LazyImages:
+    """The test split of a file-based dataset: listed now, checked and opened on first use."""
+    return LazyImages(partial(checked_files, Path(root), list(paths), np.asarray(labels, dtype=np.int64), str(listed_in), dataset), f"{dataset} test")
+
+
 # --------------------------------------------------------------------------------------------------
 # Generic readers (also used by the user YAML)
 # --------------------------------------------------------------------------------------------------
@@ -210,7 +226,8 @@ def read_split_file(split_file: str | Path, image_dir: str | Path, name: str) ->
     """A CoOp split file: ``{"train": [[relpath, label, classname], ...], "val": ..., "test": ...}``.
 
     Labels are taken as written; the class name of label ``c`` comes from the file (``_`` -> space).
-    Labels must cover ``0..C-1``. Every ``train`` and ``test`` image must exist under ``image_dir``.
+    Labels must cover ``0..C-1``. Every ``train`` and ``val`` image must exist under ``image_dir``; ``test``
+    images are checked when the test split is first opened.
     """
     path, img_dir = Path(split_file), Path(image_dir)
     if not path.is_file():
@@ -240,13 +257,15 @@ def read_split_file(split_file: str | Path, image_dir: str | Path, name: str) ->
     gaps = [c for c in range(n_cls) if c not in names]
     if gaps:
         raise DataError(f"split file {path}: labels must cover 0..{n_cls - 1}; no image has label {gaps[0]}")
-    check_files_exist(img_dir, [rel for s in ("train", "val", "test") for rel, _, _ in splits.get(s, [])], path, name)
+    check_files_exist(img_dir, [rel for s in ("train", "val") for rel, _, _ in splits.get(s, [])], path, name)
 
     def source(split: str) -> FileImages:
         items = splits[split]
         return FileImages(img_dir, [rel for rel, _, _ in items], np.array([y for _, y, _ in items], dtype=np.int64))
 
-    out = DatasetSplits(name, [_pretty(names[c]) for c in range(n_cls)], source("train"), source("test"))
+    test = splits["test"]  # checked and opened on first use (tuning never opens a test image)
+    test_src = lazy_files(img_dir, [rel for rel, _, _ in test], np.array([y for _, y, _ in test], dtype=np.int64), path, name)
+    out = DatasetSplits(name, [_pretty(names[c]) for c in range(n_cls)], source("train"), test_src)
     out.val = source("val") if splits.get("val") else None
     return out
 
@@ -267,30 +286,34 @@ def read_image_folder(folder: str | Path, name: str) -> DatasetSplits:
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{name}: folder not found: {root}")
-    split_dirs = {s: root / s for s in ("train", "test")}
-    for d in split_dirs.values():
-        if not d.is_dir():
-            raise DataError(f"{name}: {d} not found (an image folder needs train/<class>/ and test/<class>/)")
-    if (root / "val").is_dir():  # optional: validation images of the same classes
-        split_dirs["val"] = root / "val"
-    classes = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir() and not d.name.startswith("."))
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"{name}: {train_dir} not found (an image folder needs train/<class>/ and test/<class>/)")
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DataError(f"{name}: no class folders in {split_dirs['train']}")
+        raise DataError(f"{name}: no class folders in {train_dir}")
+    val = _folder_split(root, "val", tuple(classes), name) if (root / "val").is_dir() else None  # optional
+    test = LazyImages(partial(_folder_split, root, "test", tuple(classes), name), f"{name} test")  # listed on first use
+    return DatasetSplits(name, [_pretty(c) for c in classes], _folder_split(root, "train", tuple(classes), name), test, val=val)
+
+
+def _folder_split(root: Path, split: str, classes: tuple[str, ...], name: str) -> FileImages:
+    """``root/<split>/<class>/*`` of an image folder; ``classes`` are train's class folders."""
+    d = root / split
+    if not d.is_dir():
+        raise DataError(f"{name}: {d} not found (an image folder needs train/<class>/ and test/<class>/)")
     index = {c: i for i, c in enumerate(classes)}
-    sources: dict[str, FileImages] = {}
-    for s, d in split_dirs.items():
-        paths: list[str] = []
-        labels: list[int] = []
-        for sub in sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if sub not in index:
-                raise DataError(f"{name}: class folder {d / sub} has no counterpart in {split_dirs['train']}")
-            files = _list_images(d / sub)
-            if s == "train" and not files:
-                raise DataError(f"{name}: class folder {d / sub} holds no images")
-            paths += [f"{sub}/{f}" for f in files]
-            labels += [index[sub]] * len(files)
-        sources[s] = FileImages(d, paths, np.array(labels, dtype=np.int64))
-    return DatasetSplits(name, [_pretty(c) for c in classes], sources["train"], sources["test"], val=sources.get("val"))
+    paths: list[str] = []
+    labels: list[int] = []
+    for sub in sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub not in index:
+            raise DataError(f"{name}: class folder {d / sub} has no counterpart in {root / 'train'}")
+        files = _list_images(d / sub)
+        if split == "train" and not files:
+            raise DataError(f"{name}: class folder {d / sub} holds no images")
+        paths += [f"{sub}/{f}" for f in files]
+        labels += [index[sub]] * len(files)
+    return FileImages(d, paths, np.array(labels, dtype=np.int64))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,7 +328,7 @@ def _read_aircraft(d: Path) -> DatasetSplits:
     names = read_classnames_file(d / "variants.txt")
     index = {n: i for i, n in enumerate(names)}
 
-    def split(s: str) -> FileImages:
+    def split(s: str) -> ImageSource:
         path = d / f"images_variant_{s}.txt"
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -320,6 +343,8 @@ def _read_aircraft(d: Path) -> DatasetSplits:
                 raise DataError(f"Aircraft: {path} line {n}: variant {variant!r} is not in {d / 'variants.txt'}")
             paths.append(f"{image_id}.jpg")
             labels.append(index[variant])
+        if s == "test":  # checked and opened on first use
+            return lazy_files(image_dir, paths, np.array(labels, dtype=np.int64), path, "Aircraft")
         check_files_exist(image_dir, paths, path, "Aircraft")
         return FileImages(image_dir, paths, np.array(labels, dtype=np.int64))
 
@@ -359,17 +384,20 @@ def _read_mnist(d: Path) -> DatasetSplits:
         looked = ", ".join(str(c) for c in candidates)
         raise DataError(f"MNIST: idx file train-images-idx3-ubyte(.gz) not found (looked in {looked})")
     names = packaged_classnames("mnist")
-    sources = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        img_path = _find_idx(raw, f"{prefix}-images-idx3-ubyte")
-        lab_path = _find_idx(raw, f"{prefix}-labels-idx1-ubyte")
-        images, labels = read_idx(img_path), read_idx(lab_path).astype(np.int64)
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise DataError(f"MNIST: {img_path} {images.shape} does not match {lab_path} {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
-            raise DataError(f"MNIST: {lab_path} has labels outside 0..{len(names) - 1}")
-        sources[split] = ArrayImages(images.astype(np.uint8), labels, origin=str(img_path))
-    return DatasetSplits("MNIST", names, sources["train"], sources["test"], augment=False)
+    test = LazyImages(partial(_mnist_idx, raw, "t10k", len(names)), "MNIST test")  # t10k read on first use
+    return DatasetSplits("MNIST", names, _mnist_idx(raw, "train", len(names)), test, augment=False)
+
+
+def _mnist_idx(raw: Path, prefix: str, n_names: int) -> ArrayImages:
+    """One MNIST idx pair (``train`` or ``t10k``) as an in-memory source."""
+    img_path = _find_idx(raw, f"{prefix}-images-idx3-ubyte")
+    lab_path = _find_idx(raw, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(img_path), read_idx(lab_path).astype(np.int64)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"MNIST: {img_path} {images.shape} does not match {lab_path} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_names):
+        raise DataError(f"MNIST: {lab_path} has labels outside 0..{n_names - 1}")
+    return ArrayImages(images.astype(np.uint8), labels, origin=str(img_path))
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,21 @@
 """Image -> feature cache: content-addressed, immutable, resumable, memory-mapped on read.
 
-Layout under ``<cache_root>/<key>/``::
+One folder per split (``train``, ``val``, ``test``), each under its own key, so that each split is
+encoded only when something needs it (a sweep tuning on validation data never encodes, nor opens,
+the test images). Layout under ``<cache_root>/``::
 
-    manifest.json                       written last: its presence means the cache is complete
-    <task>/<split>-NNNNN.parquet        shards (sample, label, task, view, embedding: fixed_size_list<f16>[D])
-    <task>/<split>.emb.npy              [rows, D] float16, consolidated for memory-mapped reading
-    <task>/<split>.meta.npy             [rows, 3] int32 (sample, label, view)
+    <split key>/manifest.json               one split of every task; written last: its presence means complete
+    <split key>/<task>/<split>-NNNNN.parquet   shards (sample, label, task, view, embedding: fixed_size_list<f16>[D])
+    <split key>/<task>/<split>.emb.npy      [rows, D] float16, consolidated for memory-mapped reading
+    <split key>/<task>/<split>.meta.npy     [rows, 3] int32 (sample, label, view)
+    <bundle key>/bundle.json                the handle of a set of splits: their keys, the tasks, the template
 
-``key`` = hash of (cache format version, backbone, pretrained tag, transforms, benchmark spec, view
-count, augmentation seed), so any changed input gets a new folder. Rows are sample-major: the train
-split holds ``V + 1`` rows per image, view 0 the test transform and views 1..V augmented (V = 0 for
-datasets without augmentation); the test split holds view 0 only.
+A split's key = hash of (cache format version, backbone, pretrained tag, transforms, the split's
+spec: benchmark and task names, classes and the split's content fingerprints; for ``train`` also the
+view count and the augmentation seed), so any changed input gets a new folder. A bundle's key =
+hash of its splits' keys (:func:`bundle_key`). Rows are sample-major: the train split holds ``V + 1``
+rows per image, view 0 the test transform and views 1..V augmented (V = 0 for datasets without
+augmentation); the val and test splits hold view 0 only.
 
 Scale: extraction streams one shard at a time (``data.shard_rows`` rows; at most one shard of features
 and one batch of pixels in memory, whatever the dataset size), and the consolidated arrays are written
@@ -40,7 +45,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,30 +53,39 @@ import numpy as np
 
 from lada_core.benchmarks.base import Benchmark, DataError, Task
 
-CACHE_VERSION = 2  # 2: seed in the key, shard row metadata, page checksums, streamed arrays
+CACHE_VERSION = 3  # 2: seed in the key, shard row metadata, page checksums, streamed arrays; 3: one key per split
 MANIFEST = "manifest.json"
-SPLITS = ("train", "test")
+BUNDLE = "bundle.json"
+SPLITS = ("train", "val", "test")
 
 
 class CacheError(DataError):
     """A cache that is incomplete or corrupt; the message names the file."""
 
 
-def cache_key(backbone: str, pretrained: str | None, transform_desc: str, benchmark_spec: dict[str, Any], views: int, seed: int = 0) -> str:
-    """The content address of a cache: everything that changes its bytes, nothing that does not
-    (batch size, shard size, device and worker counts are left out)."""
+def cache_key(backbone: str, pretrained: str | None, transform_desc: str, split_spec: dict[str, Any], views: int, seed: int = 0) -> str:
+    """The content address of one split's cache (``split_spec``: :meth:`Benchmark.split_spec`):
+    everything that changes its bytes, nothing that does not (batch size, shard size, device and worker
+    counts are left out; views and seed only for ``train``, the one split with augmented views)."""
+    train = split_spec.get("split") == "train"
     blob = json.dumps(
         {
             "version": CACHE_VERSION,
             "backbone": backbone,
             "pretrained": pretrained,
             "transform": transform_desc,
-            "benchmark": benchmark_spec,
-            "views": views,
-            "seed": seed,  # seeds the augmented views
+            "benchmark": split_spec,
+            "views": views if train else 0,
+            "seed": seed if train else 0,  # seeds the augmented views
         },
         sort_keys=True,
     )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def bundle_key(split_keys: dict[str, str]) -> str:
+    """The key of a bundle: the hash of its splits' keys."""
+    blob = json.dumps({"version": CACHE_VERSION, "splits": split_keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -144,11 +158,20 @@ def _views_per_sample(task: Task, split: str, views: int) -> int:
     return 1 + views if (split == "train" and task.augment and views > 0) else 1
 
 
-def plan_jobs(benchmark: Benchmark, root: Path, views: int, shard_rows: int, seed: int) -> list[ShardJob]:
+def _source(task: Task, split: str) -> Any:
+    src = task.split(split)
+    if src is None:
+        raise CacheError(f"task {task.name} has no {split} images")
+    return src
+
+
+def plan_jobs(benchmark: Benchmark, root: Path, views: int, shard_rows: int, seed: int, splits: Sequence[str] = ("train", "test")) -> list[ShardJob]:
+    """The shard jobs of ``splits``; ``root`` is one split's folder when one split is planned, else
+    a folder under which each split's shards go to ``<root>/<task>/<split>-NNNNN.parquet``."""
     jobs = []
     for ti, task in enumerate(benchmark.tasks):
-        for split in SPLITS:
-            src = task.train if split == "train" else task.test
+        for split in splits:
+            src = _source(task, split)
             vps = _views_per_sample(task, split, views)
             total = len(src) * vps
             per = max(vps, (shard_rows // vps) * vps)  # whole samples per shard
@@ -168,7 +191,7 @@ class _ShardItems:
 
     def __init__(self, job: ShardJob, task: Task, train_tf: Callable, test_tf: Callable, plain_tf: Callable) -> None:
         self.job = job
-        self.src = task.train if job.split == "train" else task.test
+        self.src = _source(task, job.split)
         self.augment = task.augment
         self.train_tf, self.test_tf, self.plain_tf = train_tf, test_tf, plain_tf
         self._last: tuple[int, Any] | None = None
@@ -295,11 +318,15 @@ def _shard_ok(job: ShardJob) -> bool:
 
 @dataclass
 class CacheInfo:
+    """Where a bundle is (``path``: its folder holding ``bundle.json``; ``key``: the bundle's key),
+    whether every split was found already built, and each split's own folder (``splits``)."""
+
     path: Path
     key: str
     reused: bool
     seconds: float = 0.0
     images: int = 0
+    splits: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -362,43 +389,119 @@ def build_cache(
     num_workers: int = 0,
     log: Callable[[str], None] | None = None,
     verify: bool = True,
+    splits: Sequence[str] = ("train", "test"),
 ) -> CacheInfo:
-    """Build (or find) the cache of ``benchmark`` and return where it is. Resumes a partial build.
+    """Build (or find) the cache of ``splits`` of ``benchmark`` (each split in its own folder, under
+    its own key) and the bundle that names them; return where the bundle is. Only the splits asked
+    for are read or encoded. Resumes a partial build.
 
-    A found cache is checked before it is reused (:func:`quick_check`, and with ``verify`` the sha256
+    A found split is checked before it is reused (:func:`quick_check`, and with ``verify`` the sha256
     of every consolidated array); a damaged one raises :class:`CacheError` naming the file."""
     from lada_core.backbone import load_backbone
 
     log = log or (lambda m: print(m, file=sys.stderr))
+    splits = tuple(dict.fromkeys(splits))
+    bad = [sp for sp in splits if sp not in SPLITS]
+    if bad or "train" not in splits:
+        raise CacheError(f"cache splits must include train and be among {', '.join(SPLITS)}, got {', '.join(splits)}")
     if backbone is None:
         backbone = load_backbone(backbone_name, pretrained, device="cpu", model_config_dir=model_config_dir)
-    key = cache_key(backbone_name, pretrained, backbone.transform_desc, benchmark.spec(), views, seed)
-    root = Path(cache_root) / key
-    if (root / MANIFEST).is_file():
-        m = quick_check(root)
-        if verify:
-            verify_arrays(root, m)
-        log(f"feature cache: reusing {root} (key {key})")
-        return CacheInfo(root, key, True)
-    root.mkdir(parents=True, exist_ok=True)
-    jobs = plan_jobs(benchmark, root, views, shard_rows, seed)
-    todo = [j for j in jobs if not _shard_ok(j)]
-    done = len(jobs) - len(todo)
-    total_rows = sum(j.rows for j in jobs)
-    log(
-        f"feature cache: building {root} (key {key}): {len(benchmark.tasks)} tasks, {total_rows} images x views, "
-        f"{len(jobs)} shards" + (f", resuming ({done} shards already done)" if done else "")
-    )
-    ctx = BuildContext(benchmark, backbone_name, pretrained, model_config_dir, device, batch_size, num_workers)
+    try:
+        keys = {sp: cache_key(backbone_name, pretrained, backbone.transform_desc, benchmark.split_spec(sp), views, seed) for sp in splits}
+    except DataError as exc:
+        raise CacheError(str(exc)) from None
+    roots = {sp: Path(cache_root) / k for sp, k in keys.items()}
+    missing = []
+    for sp in splits:
+        if (roots[sp] / MANIFEST).is_file():
+            m = quick_check(roots[sp])
+            if verify:
+                verify_arrays(roots[sp], m)
+            log(f"feature cache: reusing {roots[sp]} ({sp}, key {keys[sp]})")
+        else:
+            missing.append(sp)
     t0 = time.time()  # CacheInfo.seconds: encoding + consolidation (not model loading or planning)
+    images = _build_splits(benchmark, missing, roots, keys, backbone, views, shard_rows, seed, template, pretrained, backbone_name,
+                           BuildContext(benchmark, backbone_name, pretrained, model_config_dir, device, batch_size, num_workers),
+                           run_jobs, progress, log)
+    secs = time.time() - t0
+    bkey = _write_bundle(Path(cache_root), keys, benchmark, backbone, views, template, pretrained, backbone_name)
+    if missing:
+        log(f"feature cache: done in {secs:.1f}s -> {Path(cache_root) / bkey}")
+    return CacheInfo(Path(cache_root) / bkey, bkey, not missing, secs if missing else 0.0, images, roots)
+
+
+def _build_splits(benchmark: Benchmark, missing: Sequence[str], roots: dict[str, Path], keys: dict[str, str], backbone: Any, views: int,
+                  shard_rows: int, seed: int, template: str, pretrained: str | None, backbone_name: str, ctx: BuildContext,
+                  run_jobs: JobRunner | None, progress: bool, log: Callable[[str], None]) -> int:
+    """Encode the ``missing`` splits (one batch of shard jobs for all of them), then consolidate each
+    split and write its manifest. Returns the number of rows encoded now."""
+    if not missing:
+        return 0
+    jobs = {sp: plan_jobs(benchmark, roots[sp], views, shard_rows, seed, (sp,)) for sp in missing}
+    for sp in missing:
+        roots[sp].mkdir(parents=True, exist_ok=True)
+    todo = [j for sp in missing for j in jobs[sp] if not _shard_ok(j)]
+    total = sum(len(js) for js in jobs.values())
+    total_rows = sum(j.rows for js in jobs.values() for j in js)
+    log(
+        f"feature cache: building {', '.join(f'{sp} {roots[sp]} (key {keys[sp]})' for sp in missing)}: {len(benchmark.tasks)} tasks, "
+        f"{total_rows} images x views, {total} shards" + (f", resuming ({total - len(todo)} shards already done)" if total > len(todo) else "")
+    )
     if run_jobs is None:
         run_jobs_locally(todo, ctx, backbone=backbone, progress=progress)
     else:
         run_jobs(todo, ctx)
-    _finalize(root, key, benchmark, jobs, backbone, views, template, pretrained, backbone_name)
-    secs = time.time() - t0
-    log(f"feature cache: done in {secs:.1f}s -> {root}")
-    return CacheInfo(root, key, False, secs, sum(j.rows for j in todo))
+    for sp in missing:
+        _finalize(roots[sp], keys[sp], sp, benchmark, jobs[sp], backbone, views, template, pretrained, backbone_name)
+    return sum(j.rows for j in todo)
+
+
+def _tasks_meta(benchmark: Benchmark) -> list[dict[str, Any]]:
+    return [{"name": t.name, "class_names": t.class_names, "epochs": t.epochs, "augment": t.augment} for t in benchmark.tasks]
+
+
+def _write_bundle(cache_root: Path, keys: dict[str, str], benchmark: Benchmark, backbone: Any, views: int, template: str,
+                  pretrained: str | None, backbone_name: str) -> str:
+    """Write ``<cache_root>/<bundle key>/bundle.json`` (once; atomically) and return the bundle key.
+    The key hashes the split keys and what the bundle adds (task schedule, prompt template)."""
+    tasks = _tasks_meta(benchmark)
+    bkey = bundle_key({**keys, "tasks": json.dumps(tasks, sort_keys=True), "template": template})
+    root = cache_root / bkey
+    if (root / BUNDLE).is_file():
+        return bkey
+    root.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "version": CACHE_VERSION, "key": bkey, "splits": keys, "backbone": backbone_name, "pretrained": pretrained,
+        "transform": backbone.transform_desc, "views": views, "embed_dim": backbone.embed_dim, "template": template,
+        "benchmark": benchmark.name, "tasks": tasks,
+    }
+    tmp = _tmp_name(root / BUNDLE)
+    tmp.write_text(json.dumps(doc, indent=1))
+    _publish(tmp, root / BUNDLE)
+    return bkey
+
+
+def read_bundle(root: str | Path) -> dict[str, Any]:
+    """The bundle manifest of ``root`` (a folder holding ``bundle.json``); the split folders it names
+    are ``root.parent / key``. Raises :class:`CacheError` naming the file."""
+    path = Path(root) / BUNDLE
+    if not path.is_file():
+        if (Path(root) / MANIFEST).is_file():
+            raise CacheError(f"{root} is one split of a feature cache, not a bundle (open the folder lada-cache printed)")
+        raise CacheError(f"no feature cache at {root} ({BUNDLE} not found)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CacheError(f"corrupt bundle manifest {path}: {exc}") from None
+    if not isinstance(m, dict) or m.get("version") != CACHE_VERSION or not isinstance(m.get("splits"), dict):
+        raise CacheError(f"corrupt or incompatible bundle manifest {path}")
+    return m
+
+
+def bundle_splits(root: str | Path) -> dict[str, Path]:
+    """``{split: folder}`` of the bundle at ``root``."""
+    return {sp: Path(root).parent / k for sp, k in read_bundle(root)["splits"].items()}
 
 
 class _NpyWriter:
@@ -434,48 +537,43 @@ class _NpyWriter:
         return self.sha.hexdigest()
 
 
-def _finalize(root: Path, key: str, benchmark: Benchmark, jobs: list[ShardJob], backbone: Any, views: int, template: str, pretrained: str | None, backbone_name: str) -> None:
-    """Consolidate shards into memory-mappable arrays (streamed: one shard in memory at a time),
-    then write the manifest last."""
+def _finalize(root: Path, key: str, split: str, benchmark: Benchmark, jobs: list[ShardJob], backbone: Any, views: int, template: str,
+              pretrained: str | None, backbone_name: str) -> None:
+    """Consolidate one split's shards into memory-mappable arrays (streamed: one shard in memory at
+    a time), then write the split's manifest last."""
     d = backbone.embed_dim
-    tasks_meta = []
-    for ti, task in enumerate(benchmark.tasks):
-        entry: dict[str, Any] = {
-            "name": task.name,
-            "class_names": task.class_names,
-            "epochs": task.epochs,
-            "augment": task.augment,
+    tasks_meta = _tasks_meta(benchmark)
+    for ti, (task, entry) in enumerate(zip(benchmark.tasks, tasks_meta)):
+        sj = sorted((j for j in jobs if j.task_index == ti and j.split == split), key=lambda j: j.start)
+        rows = sum(j.rows for j in sj)
+        emb_path = root / task.name / f"{split}.emb.npy"
+        meta_path = root / task.name / f"{split}.meta.npy"
+        emb_w = _NpyWriter(emb_path, np.float16, (rows, d))
+        meta_w = _NpyWriter(meta_path, np.int32, (rows, 3))
+        shards = []
+        for j in sj:
+            emb, meta = read_shard(Path(j.path), j.rows)
+            if emb.shape[1] != d:
+                raise CacheError(f"corrupt cache shard {j.path}: dimension {emb.shape[1]}, expected {d}")
+            emb_w.append(emb)
+            meta_w.append(meta)
+            del emb, meta
+            shards.append({"file": Path(os.path.relpath(j.path, root)).as_posix(), "rows": j.rows, "bytes": Path(j.path).stat().st_size, "sha256": sha256_file(Path(j.path))})
+        emb_sha, meta_sha = emb_w.close(), meta_w.close()
+        src = _source(task, split)
+        entry[split] = {
+            "samples": len(src),
+            "rows": rows,
+            "views_per_sample": sj[0].views_per_sample if sj else 1,
+            "shards": shards,
+            "emb": {"file": Path(os.path.relpath(emb_path, root)).as_posix(), "sha256": emb_sha},
+            "meta": {"file": Path(os.path.relpath(meta_path, root)).as_posix(), "sha256": meta_sha},
         }
-        for split in SPLITS:
-            sj = sorted((j for j in jobs if j.task_index == ti and j.split == split), key=lambda j: j.start)
-            rows = sum(j.rows for j in sj)
-            emb_path = root / task.name / f"{split}.emb.npy"
-            meta_path = root / task.name / f"{split}.meta.npy"
-            emb_w = _NpyWriter(emb_path, np.float16, (rows, d))
-            meta_w = _NpyWriter(meta_path, np.int32, (rows, 3))
-            shards = []
-            for j in sj:
-                emb, meta = read_shard(Path(j.path), j.rows)
-                if emb.shape[1] != d:
-                    raise CacheError(f"corrupt cache shard {j.path}: dimension {emb.shape[1]}, expected {d}")
-                emb_w.append(emb)
-                meta_w.append(meta)
-                del emb, meta
-                shards.append({"file": Path(os.path.relpath(j.path, root)).as_posix(), "rows": j.rows, "bytes": Path(j.path).stat().st_size, "sha256": sha256_file(Path(j.path))})
-            emb_sha, meta_sha = emb_w.close(), meta_w.close()
-            src = task.train if split == "train" else task.test
-            entry[split] = {
-                "samples": len(src),
-                "rows": rows,
-                "views_per_sample": sj[0].views_per_sample if sj else 1,
-                "shards": shards,
-                "emb": {"file": Path(os.path.relpath(emb_path, root)).as_posix(), "sha256": emb_sha},
-                "meta": {"file": Path(os.path.relpath(meta_path, root)).as_posix(), "sha256": meta_sha},
-            }
-        tasks_meta.append(entry)
     manifest = {
         "version": CACHE_VERSION,
         "key": key,
+        "split": split,
+        "splits": [split],
         "backbone": backbone_name,
         "pretrained": pretrained,
         "transform": backbone.transform_desc,
@@ -484,7 +582,6 @@ def _finalize(root: Path, key: str, benchmark: Benchmark, jobs: list[ShardJob], 
         "embed_dim": d,
         "template": template,
         "benchmark": benchmark.name,
-        "benchmark_spec_hash": benchmark.spec_hash(),
         "tasks": tasks_meta,
     }
     _sweep_tmp(root)  # leftovers of interrupted writers: the finished cache holds only its own files
@@ -507,7 +604,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
         m = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CacheError(f"corrupt manifest {path}: {exc}") from None
-    if not isinstance(m, dict) or m.get("version") != CACHE_VERSION or "tasks" not in m:
+    if not isinstance(m, dict) or m.get("version") != CACHE_VERSION or "tasks" not in m or not isinstance(m.get("splits"), list):
         raise CacheError(f"corrupt or incompatible manifest {path}")
     return m
 
@@ -518,7 +615,7 @@ def quick_check(root: Path) -> dict[str, Any]:
     truncation and interrupted builds; bit flips need the hashes (:func:`verify_arrays`, :func:`check_cache`)."""
     m = read_manifest(root)
     for t in m["tasks"]:
-        for split in SPLITS:
+        for split in m["splits"]:
             s = t[split]
             for sh in s["shards"]:
                 p = Path(root) / sh["file"]
@@ -551,7 +648,7 @@ def verify_arrays(root: str | Path, manifest: dict[str, Any] | None = None) -> N
     root = Path(root)
     m = manifest if manifest is not None else read_manifest(root)
     for t in m["tasks"]:
-        for split in SPLITS:
+        for split in m["splits"]:
             for kind in ("emb", "meta"):
                 p = root / t[split][kind]["file"]
                 try:
@@ -568,8 +665,13 @@ def check_cache(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.exists():
         return [f"no feature cache at {root} (folder not found)"]
+    if (root / BUNDLE).is_file():  # a bundle: check every split it names
+        try:
+            return [line for p in bundle_splits(root).values() for line in check_cache(p)]
+        except CacheError as exc:
+            return [str(exc)]
     if not (root / MANIFEST).is_file() and root.is_dir():
-        # A cache root (the folder holding <key>/ caches): check every cache in it.
+        # A cache root (the folder holding <key>/ split folders and bundles): check every split in it.
         own_shards = any(root.glob("*/*.parquet"))
         subs = sorted(p for p in root.iterdir() if p.is_dir() and ((p / MANIFEST).is_file() or any(p.glob("*/*.parquet"))))
         if subs and not own_shards:
@@ -580,7 +682,7 @@ def check_cache(root: str | Path) -> list[str]:
         return [str(exc)]
     problems = []
     for t in m["tasks"]:
-        for split in SPLITS:
+        for split in m["splits"]:
             s = t[split]
             for sh in s["shards"]:
                 p = root / sh["file"]

@@ -31,8 +31,8 @@ class FeatureSource(Protocol):
     def clean_train(self, k: int) -> np.ndarray: ...
     def train_labels(self, k: int) -> np.ndarray: ...
     def epoch_features(self, k: int, epoch: int, rng: np.random.Generator) -> np.ndarray: ...
-    def test_features(self, t: int) -> np.ndarray: ...
-    def test_labels(self, t: int) -> np.ndarray: ...
+    def eval_features(self, t: int, split: str) -> np.ndarray: ...
+    def eval_labels(self, t: int, split: str) -> np.ndarray: ...
 
 
 class CachedSource:
@@ -70,25 +70,27 @@ class CachedSource:
         views = rng.integers(1, vps, size=n)
         return np.asarray(pool[np.arange(n), views])
 
-    def test_features(self, t: int) -> np.ndarray:
-        return self.bundle.tasks[t].test
+    def eval_features(self, t: int, split: str) -> np.ndarray:
+        """Features of task ``t``'s evaluation split (``val`` or ``test``); only that split is read."""
+        return self.bundle.tasks[t].eval_split(split)[0]
 
-    def test_labels(self, t: int) -> np.ndarray:
-        return self.bundle.tasks[t].test_labels
+    def eval_labels(self, t: int, split: str) -> np.ndarray:
+        return self.bundle.tasks[t].eval_split(split)[1]
 
 
 class ExactSource:
     """Encoder in the loop: fresh augmentation every epoch; clean and test features encoded once."""
 
-    def __init__(self, benchmark: Benchmark, backbone: Any, device: torch.device, batch_size: int = 256) -> None:
+    def __init__(self, benchmark: Benchmark, backbone: Any, device: torch.device, batch_size: int = 256, eval_split: str = "test") -> None:
         self.bench = benchmark
         self.backbone = backbone
         self.device = device
         self.batch_size = batch_size
         self._clean: dict[int, np.ndarray] = {}
-        self._test: dict[int, np.ndarray] = {}
+        self._eval: dict[tuple[int, str], np.ndarray] = {}
+        self.splits: tuple[str, ...] = ("train", eval_split)  # the splits whose content names this source (key)
 
-    key = property(lambda self: "exact-" + self.bench.spec_hash() + "-" + self.backbone.transform_desc)
+    key = property(lambda self: "exact-" + self.bench.spec_hash(self.splits) + "-" + self.backbone.transform_desc)
     task_names = property(lambda self: self.bench.task_names)
     offsets = property(lambda self: self.bench.offsets)
     embed_dim = property(lambda self: self.backbone.embed_dim)
@@ -130,10 +132,16 @@ class ExactSource:
             return self.clean_train(k)
         return self._encode(task.train, self.backbone.train_transform, int(rng.integers(2**31 - 1)))
 
-    def test_features(self, t: int) -> np.ndarray:
-        if t not in self._test:
-            self._test[t] = self._encode(self.bench.tasks[t].test, self.backbone.test_transform, None)
-        return self._test[t]
+    def _split(self, t: int, split: str) -> Any:
+        src = self.bench.tasks[t].split(split)
+        if src is None or split == "train":
+            raise ValueError(f"task {self.bench.tasks[t].name} has no {split!r} evaluation images")
+        return src
 
-    def test_labels(self, t: int) -> np.ndarray:
-        return np.asarray(self.bench.tasks[t].test.labels, dtype=np.int64)
+    def eval_features(self, t: int, split: str) -> np.ndarray:
+        if (t, split) not in self._eval:
+            self._eval[t, split] = self._encode(self._split(t, split), self.backbone.test_transform, None)
+        return self._eval[t, split]
+
+    def eval_labels(self, t: int, split: str) -> np.ndarray:
+        return np.asarray(self._split(t, split).labels, dtype=np.int64)
