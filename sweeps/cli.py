@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--point", action="append", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                    help="evaluate this point of the space right after the space's own first points, before the sampler's (repeatable), "
                         "e.g. --point optim.lr=3e-3,lada.memory_size=8; every name must be one the space suggests, the others keep being sampled")
+    g.add_argument("--peek-test", action="store_true", default=None,
+                   help="also log test/... metrics in every trial run, for exploration; trials are still scored and selected on val/... "
+                        "metrics, and the summary says that the best was selected with test data in view")
     g = p.add_argument_group("scheduling")
     g.add_argument("--scheduler", choices=("fifo", "asha"), default=None, help="fifo runs every trial to its last task; asha stops trials that are weak after a task (default: the space's)")
     g.add_argument("--grace-period", type=int, default=None, help="ASHA: tasks every trial runs before it can be stopped (default 1)")

@@ -14,7 +14,24 @@ from dataclasses import dataclass, field
 from lada_core import metrics as M
 
 OBJECTIVE = "objective"
-"""The result key that carries the objective value in every Tune result and MLflow step."""
+"""The result key that carries the objective value in every Tune result and MLflow step; it is
+computed from the validation metrics only (:data:`TUNE_SPLIT`)."""
+
+TUNE_SPLIT = "val"
+"""The split a sweep scores its trials on (honest tuning: Cha & Cho, "Hyperparameters in Continual
+Learning: A Reality Check", TMLR 2025). Every metric a trial reports is named ``val/<metric>``."""
+PEEK_SPLIT = "test"
+"""The split ``--peek-test`` adds, as ``test/<metric>`` (shown, never selected on)."""
+
+
+def metric_key(name: str, split: str = TUNE_SPLIT) -> str:
+    """The result and MLflow key of metric ``name`` (``average``, ``acc/<dataset>``...) on ``split``:
+    ``val/average``, ``val/acc/<dataset>``, ``test/last``."""
+    return f"{split}/{name}"
+
+
+VAL_METRICS = tuple(metric_key(m) for m in M.METRICS)
+"""``val/transfer``, ``val/average``, ``val/last``: Transfer / Average / Last on the validation split."""
 
 
 class MetricError(ValueError):

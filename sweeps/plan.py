@@ -137,6 +137,9 @@ def check_inputs(s: Settings) -> tuple[Any, Any, Any, Any, list[dict[str, Any]]]
     objective = parse_metric(s.metric)
     spec = s.trial_spec(cache_path=None, objective=objective)
     cache_cfg = spec.config({})
+    if cache_cfg.eval.split != "val" or cache_cfg.eval.peek_test != s.peek_test:
+        raise UsageError("a sweep tunes on the validation split: eval.split and eval.peek_test are set by lada-sweep "
+                         "(--peek-test adds test/... metrics); evaluate on test with lada-sweep-evaluate")
     bench = cache_cfg.data.benchmark
     if bench not in benchmark_names() and not bench.endswith((".yaml", ".yml")):
         raise UsageError(f"unknown benchmark {bench!r} (valid: {', '.join(benchmark_names())}, or a benchmark .yaml file)")
@@ -151,6 +154,6 @@ def check_inputs(s: Settings) -> tuple[Any, Any, Any, Any, list[dict[str, Any]]]
     samples = points + [space.sample(study.ask()) for _ in range(3)]
     for sample in samples:
         cfg = spec.config(sample)
-        if cfg.data != cache_cfg.data or cfg.backbone != cache_cfg.backbone:
+        if cfg.data != cache_cfg.data or cfg.backbone != cache_cfg.backbone or cfg.eval != cache_cfg.eval:
             raise UsageError(f"space {space.name} changes data.* or backbone.* settings ({sample}): those define the shared feature cache")
     return space, objective, spec, cache_cfg, points

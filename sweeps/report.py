@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lada_core import metrics as M
 from sweeps.importance import importances
+from sweeps.objective import VAL_METRICS
 from sweeps.optuna_storage import RAY_TRIAL_ID_ATTR, load_study
 
 
@@ -52,7 +52,7 @@ def top_trials(study: Any, results: dict[str, dict[str, Any]], top: int) -> list
             "value": value,
             "last_step_value": last_inter,
             "tasks_done": res.get("tasks_done"),
-            **{k: res.get(k) for k in M.METRICS},
+            **{k: res.get(k) for k in VAL_METRICS},
             "params": dict(t.params),
         })
 
@@ -74,9 +74,9 @@ def _fmt(v: Any) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     params = sorted({k for r in rows for k in r["params"]})
-    head = ["#", "trial", "state", "value", *M.METRICS, "tasks", *params]
+    head = ["#", "trial", "state", "value", *VAL_METRICS, "tasks", *params]
     body = [
-        [str(r["number"]), r["trial_id"], r["state"], _fmt(r["value"]), *(_fmt(r[k]) for k in M.METRICS), _fmt(r["tasks_done"]),
+        [str(r["number"]), r["trial_id"], r["state"], _fmt(r["value"]), *(_fmt(r[k]) for k in VAL_METRICS), _fmt(r["tasks_done"]),
          *(_fmt(r["params"].get(p)) for p in params)]
         for r in rows
     ]
@@ -99,11 +99,12 @@ def paper_comparison(benchmark: str, shots: int | None, best: dict[str, Any] | N
     if benchmark not in XTAIL_BENCHMARKS:
         return None
     setting = xtail_setting(shots)
-    lines = [f"X-TAIL {setting}, ViT-B/16, order I: the paper's numbers beside this sweep's best trial", f"{'':24}{'transfer':>10}{'average':>10}{'last':>10}"]
+    lines = [f"X-TAIL {setting}, ViT-B/16, order I: the paper's test numbers beside this sweep's best trial on validation data "
+             "(not the same images: lada-sweep-evaluate gives test scores)", f"{'':24}{'transfer':>10}{'average':>10}{'last':>10}"]
     if best is not None:
-        lines.append(f"{'this sweep (best)':24}" + "".join(f"{_fmt(best.get(k)):>10}" for k in M.METRICS))
+        lines.append(f"{'this sweep (best, val)':24}" + "".join(f"{_fmt(best.get(k)):>10}" for k in VAL_METRICS))
     for method, vals in XTAIL[setting].items():
-        lines.append(f"{method:24}" + "".join(f"{_fmt(vals[k]):>10}" for k in M.METRICS))
+        lines.append(f"{method:24}" + "".join(f"{_fmt(vals[k.split('/', 1)[1]]):>10}" for k in VAL_METRICS))
     return "\n".join(lines)
 
 
@@ -181,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from optuna.trial import TrialState
 
     from sweeps.settings import BEST_CONFIG, is_uri, join_path, load_settings, storage_root, write_text
+    from sweeps.summary import selection_note
 
     args = build_parser().parse_args(argv)
     storage = storage_root(args.storage)
@@ -222,11 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({
             "name": settings.name, "space": settings.space, "metric": settings.metric, "mode": settings.mode,
             "states": counts, "top": rows[: args.top] if args.top else rows, "best_config_path": out_path if yaml_text else None,
-            "best_config": yaml_text, "importances": imp,
+            "best_config": yaml_text, "importances": imp, "selection": selection_note(settings.peek_test),
         }, indent=2, default=str))
         return 0
-    print(f"sweep {settings.name}: space {settings.space}, objective {settings.metric} ({settings.mode}); trials: "
+    print(f"sweep {settings.name}: space {settings.space}, objective {settings.metric} on val ({settings.mode}); trials: "
           + ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())))
+    print(selection_note(settings.peek_test))
     print(format_table(rows[: args.top] if args.top else rows))
     if yaml_text is not None and best is not None:
         print(f"\nbest config (trial {best['trial_id']}) -> {out_path}\n  lada-train --config {out_path}")

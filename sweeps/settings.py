@@ -29,7 +29,7 @@ DEFAULT_EXPERIMENT = "lada-sweeps"
 IDENTITY = (
     "space", "benchmark", "data_root", "num_samples", "metric", "scheduler", "grace_period",
     "reduction_factor", "gpus_per_trial", "cpus_per_trial", "seed", "config", "set", "study_storage",
-    "mlflow_uri", "experiment", "tiny_model", "point",
+    "mlflow_uri", "experiment", "tiny_model", "point", "peek_test",
 )
 
 
@@ -62,6 +62,7 @@ class Settings:
     experiment: str
     tiny_model: bool = False
     point: tuple[str, ...] = ()
+    peek_test: bool = False  # --peek-test: trial runs also get test/... metrics (selection stays on val/)
     parent_run_id: str | None = None
     cache_key: str | None = None
     cache_path: str | None = None
@@ -218,6 +219,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         experiment=args.experiment or DEFAULT_EXPERIMENT,
         tiny_model=bool(args.tiny_model),
         point=tuple(args.point or ()),
+        peek_test=bool(getattr(args, "peek_test", False)),
         created=time.time(),
     )
 
@@ -256,7 +258,9 @@ def base_config(s: Settings) -> Any:
     from search_spaces import get_space
 
     space = get_space(s.space)
-    flags: dict[str, Any] = {**space.base, "train.seed": s.seed}
+    # Honest tuning (Cha & Cho, TMLR 2025): every trial is scored on the validation split; the test
+    # split is neither encoded nor opened unless --peek-test asks for test/... metrics beside.
+    flags: dict[str, Any] = {**space.base, "train.seed": s.seed, "eval.split": "val", "eval.peek_test": s.peek_test}
     if s.benchmark:
         flags["data.benchmark"] = s.benchmark
     if s.data_root:

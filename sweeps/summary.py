@@ -50,11 +50,19 @@ def storage_stop(s: Settings, grid: Any, client: Any, parent: str, tracker: Any,
     return EXIT_STORAGE
 
 
+def selection_note(peek_test: bool) -> str:
+    """How the sweep's best was chosen, in words (the summary, the parent run, the report)."""
+    if peek_test:
+        return ("selection: the best was selected with test data in view (--peek-test: trial runs show test/... metrics); "
+                "it was scored on validation data, but its test scores are not an unbiased estimate: run lada-sweep-evaluate")
+    return ("selection: trials were scored and the best selected on validation data only (val/... metrics); "
+            "no test image or feature was read")
+
+
 def trial_rows(grid: Any, num_tasks: int, interrupted: bool = False) -> list[dict[str, Any]]:
     """One row per trial of a ResultGrid: id, status, outcome, objective, params, times.
     ``interrupted``: the sweep was stopped (storage failure), so an unfinished trial is "stopped"."""
-    from lada_core import metrics as M
-    from sweeps.objective import OBJECTIVE
+    from sweeps.objective import OBJECTIVE, PEEK_SPLIT, VAL_METRICS, metric_key
     from sweeps.results import DIVERGED, NODE_ID, STOPPED, STORAGE_ERROR, TASK_SECONDS, TASKS_DONE, classify
 
     rows = []
@@ -69,7 +77,8 @@ def trial_rows(grid: Any, num_tasks: int, interrupted: bool = False) -> list[dic
             "trial_id": m.get("trial_id") or (r.path.rsplit("/", 1)[-1] if r.path else "?"),
             "outcome": outcome,
             "objective": m.get(OBJECTIVE),
-            **{k: m.get(k) for k in M.METRICS},
+            **{k: m.get(k) for k in VAL_METRICS},
+            **{k: m[k] for k in (metric_key(v.split("/", 1)[1], PEEK_SPLIT) for v in VAL_METRICS) if k in m},
             "tasks_done": done,
             "time_total_s": float(m.get("time_total_s", 0.0) or 0.0),
             "task_seconds": float(m.get(TASK_SECONDS, 0.0) or 0.0),
@@ -97,6 +106,9 @@ def summarize(s: Settings, grid: Any, objective: Any, t_start: float, t_fit: flo
         "space": s.space,
         "objective": objective.name,
         "mode": s.mode,
+        "tuned_on": "val",
+        "peek_test": s.peek_test,
+        "selection": selection_note(s.peek_test),
         "trials": len(rows),
         "completed": len(completed),
         "outcomes": counts,
@@ -187,12 +199,12 @@ def write_parent_end(client: Any, parent: str, summary: dict[str, Any], yaml_tex
         Metric("sweep_wall_s", float(summary["wall_s"]), now, 0),
         Metric("overhead_share", float(summary["overhead_share"]), now, 0),
     ]
-    tags = [RunTag("lada.outcomes", json.dumps(summary["outcomes"]))]
+    tags = [RunTag("lada.outcomes", json.dumps(summary["outcomes"])), RunTag("lada.selection", summary.get("selection", ""))]
     if views is not None and views[0]:
         tags.append(RunTag(NOTE_TAG, views[0]))
     if best is not None:
         name = summary["objective"] if "," not in summary["objective"] else "objective"
-        metrics.append(Metric(f"best_{name}", float(best["objective"]), now, 0))
+        metrics.append(Metric(f"best_val_{name}", float(best["objective"]), now, 0))
         tags.append(RunTag("lada.best_trial_id", str(best["trial_id"])))
         if yaml_text is not None:
             client.log_text(parent, yaml_text, BEST_CONFIG)
@@ -209,8 +221,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"sweep {summary['name']}: {summary['trials']} trials ({', '.join(f'{v} {k}' for k, v in sorted(summary['outcomes'].items()))})", file=out)
     if best is not None:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(best["config"].items()))
-        print(f"best {summary['objective']} = {best['objective']:.3f} (trial {best['trial_id']}: {params or 'paper defaults'})", file=out)
+        print(f"best {summary['objective']} on the validation split = {best['objective']:.3f} (trial {best['trial_id']}: {params or 'paper defaults'})", file=out)
         print(f"best config: {join_path(summary['folder'], BEST_CONFIG)}  (lada-train --config {join_path(summary['folder'], BEST_CONFIG)})", file=out)
+    print(summary.get("selection") or selection_note(False), file=out)
     print(
         f"wall time {summary['wall_s']:.1f}s (setup {summary['setup_s']:.1f}s + trials {summary['fit_wall_s']:.1f}s); "
         f"sum of trial times {summary['trial_time_sum_s']:.1f}s over concurrency {summary['concurrency']}: "

@@ -2,7 +2,8 @@
 
 The trainer calls ``on_task_end`` after every task; the trial turns it into ``ray.tune.report`` with
 that step's metrics (``task_index``, ``tasks_done``, Transfer / Average / Last of the matrix so far,
-``acc/<dataset>``, the objective) and the task's checkpoint. ASHA reads the objective between tasks;
+``acc/<dataset>``, all on the validation split and named ``val/...``; the objective computed from them;
+with ``--peek-test`` also ``test/...``) and the task's checkpoint. ASHA reads the objective between tasks;
 a retried or resumed trial restores its last checkpoint and continues at the next task.
 
 The feature cache is opened memory-mapped in every trial (cheap; the pages are shared by all the
@@ -24,7 +25,7 @@ from typing import Any
 
 from lada_core import metrics as M
 from sweeps import faults
-from sweeps.objective import OBJECTIVE, Objective
+from sweeps.objective import OBJECTIVE, PEEK_SPLIT, Objective, metric_key
 from sweeps.results import (  # noqa: F401 - the result schema, also read from here
     DIVERGED,
     ERROR,
@@ -95,9 +96,16 @@ class TrialSpec:
         return build_config(sample=dict(sample), overrides=list(self.overrides), base=from_dict(dict(self.base_config)))
 
 
-def step_result(metrics: Mapping[str, float], task_index: int, num_tasks: int, seconds: float, objective: Objective) -> dict[str, Any]:
-    """The result dict of one task step (what Tune, ASHA, Optuna and MLflow see)."""
-    out: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
+def step_result(metrics: Mapping[str, float], task_index: int, num_tasks: int, seconds: float, objective: Objective,
+                peek: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The result dict of one task step (what Tune, ASHA, Optuna and MLflow see). ``metrics`` are the
+    trainer's on the validation split: each is reported as ``val/<name>`` and the objective is computed
+    from them. ``peek`` (``--peek-test``): the trainer's ``test/<name>`` metrics, passed through."""
+    out: dict[str, Any] = {metric_key(k): float(v) for k, v in metrics.items() if k != M.TASK_INDEX}
+    for k, v in (peek or {}).items():
+        if not k.startswith(metric_key("", PEEK_SPLIT)):
+            raise ValueError(f"peek metric {k!r} is not a test/ metric")
+        out[k] = float(v)
     out[M.TASK_INDEX] = int(task_index)
     out[TASKS_DONE] = int(task_index) + 1
     out[NUM_TASKS] = int(num_tasks)
@@ -234,7 +242,7 @@ class _Reporter:
         self.last["result"] = result
 
     def on_task_end(self, te: Any) -> None:
-        result = step_result(te.metrics, te.task_index, te.num_tasks, te.seconds, self.spec.objective)
+        result = step_result(te.metrics, te.task_index, te.num_tasks, te.seconds, self.spec.objective, getattr(te, "peek", None))
         result.update(self.extra)
         if getattr(te, "resumed", False):
             self.last["result"] = result

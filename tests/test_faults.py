@@ -195,7 +195,7 @@ def test_killed_worker_is_retried_from_its_last_task(dirs: SweepDirs) -> None:
     assert first_new >= done_before, (done_before, pids)
 
     names = settings(dirs, name)["dataset_names"]
-    matrix = [[r[f"acc/{n}"] for n in names] for r in rows]
+    matrix = [[r[f"val/acc/{n}"] for n in names] for r in rows]
     reference = _reference_matrix(dirs, name, rows[-1]["config"])
     np.testing.assert_allclose(matrix, reference, atol=1e-9, err_msg="the same matrix as an uninterrupted run with the same seed")
 
@@ -367,12 +367,12 @@ def test_mlflow_server_down_then_sync(dirs: SweepDirs) -> None:
         for run, steps in runs.values():
             assert run.info.status == "FINISHED" and run.data.tags["lada.outcome"] == "completed"
             assert steps == list(range(7))
-            assert [m.step for m in client.get_metric_history(run.info.run_id, M.AVERAGE)] == list(range(7))
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "val/" + M.AVERAGE)] == list(range(7))
             arts = {a.path for a in client.list_artifacts(run.info.run_id)}
             assert {"accuracy_matrix.csv", "accuracy_matrix.png", "config.yaml", "checkpoint"} <= arts, arts
         parent = client.get_run(settings(dirs, name)["parent_run_id"])
         assert parent.info.status == "FINISHED" and parent.data.metrics["trials_completed"] == 2
-        assert "best_average" in parent.data.metrics
+        assert "best_val_average" in parent.data.metrics
     finally:
         server.stop()
 

@@ -35,7 +35,7 @@ def toy_trainable(config: dict[str, Any]) -> None:
         if x == RAISE and k == 1:
             raise RuntimeError("told to raise at task 1")
         value = math.nan if (x == DIVERGE and k == 2) else 10.0 * (k + 1) * x
-        result = {M.TASK_INDEX: k, R.TASKS_DONE: k + 1, R.NUM_TASKS: TASKS, OBJECTIVE: value, "acc/a": value, "acc/b": value / 2}
+        result = {M.TASK_INDEX: k, R.TASKS_DONE: k + 1, R.NUM_TASKS: TASKS, OBJECTIVE: value, "val/acc/a": value, "val/acc/b": value / 2}
         if math.isnan(value):
             tune.report({**result, R.DIVERGED: 1, R.ERROR: "loss is nan"})
             return

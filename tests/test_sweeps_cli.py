@@ -59,6 +59,12 @@ def test_invalid_set(dirs: SweepDirs, capsys: pytest.CaptureFixture[str], item: 
         assert w in msg
 
 
+@pytest.mark.parametrize("item", ["eval.split=test", "eval.peek_test=true"])
+def test_a_sweep_cannot_be_told_to_tune_on_test(dirs: SweepDirs, capsys: pytest.CaptureFixture[str], item: str) -> None:
+    msg = _bad(dirs, capsys, "--set", item)
+    assert "validation split" in msg and "--peek-test" in msg
+
+
 def test_unreachable_address(dirs: SweepDirs, capsys: pytest.CaptureFixture[str]) -> None:
     port = free_port()
     msg = _bad(dirs, capsys, "--address", f"127.0.0.1:{port}")

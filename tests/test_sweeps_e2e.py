@@ -29,6 +29,7 @@ from sweeps_helpers import (
     sweep_env,
     tune_trial_results,
 )
+from xtail_fixture import make_xtail_tree, remove_test_images
 
 from lada_core import metrics as M
 from sweeps.trainable import REPLAYED, TASK_SECONDS
@@ -43,7 +44,7 @@ def dirs(sweep_dirs: SweepDirs) -> SweepDirs:
     return sweep_dirs
 
 
-def _mlflow_checks(dirs: SweepDirs, name: str, expect_finished: int) -> list:
+def _mlflow_checks(dirs: SweepDirs, name: str, expect_finished: int, peek: bool = False) -> list:
     from mlflow.tracking import MlflowClient
 
     st = settings(dirs, name)
@@ -55,9 +56,12 @@ def _mlflow_checks(dirs: SweepDirs, name: str, expect_finished: int) -> list:
     assert len(set(ids)) == len(ids), "one child run per trial"
     for r in runs:
         done = int(r.data.tags["lada.tasks_done"])
-        for key in (M.AVERAGE, M.LAST, M.TRANSFER, "objective", f"acc/{st['dataset_names'][0]}"):
+        for key in ("val/average", "val/last", "val/transfer", "objective", f"val/acc/{st['dataset_names'][0]}"):
             steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
-            assert steps == list(range(done)), (key, steps)
+            assert steps == list(range(done)), (key, steps)  # step = task index
+        # Honest tuning: every metric of a trial run is a validation one (or bookkeeping), none a test one.
+        logged = set(r.data.metrics)
+        assert any(k.startswith("test/") for k in logged) == peek and not logged & {*M.METRICS, M.SEEN_MEAN}, logged
         arts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"accuracy_matrix.csv", "accuracy_matrix.png", "config.yaml", "checkpoint"} <= arts, arts
         ckpt = {a.path for a in client.list_artifacts(r.info.run_id, "checkpoint")}
@@ -68,14 +72,20 @@ def _mlflow_checks(dirs: SweepDirs, name: str, expect_finished: int) -> list:
     return runs
 
 
-def test_smoke_sweep_end_to_end(dirs: SweepDirs) -> None:
+def test_smoke_sweep_end_to_end(dirs: SweepDirs, tmp_path: Path) -> None:
     """lada_smoke on mini-tail, local Ray: trials, one MLflow child run per trial under the parent,
-    one metric point per task step, the matrix artifacts, the best config exported."""
+    one metric point per task step, the matrix artifacts, the best config exported. Fashion-MNIST is
+    given without its test file (t10k): tuning never opens it."""
     from mlflow.tracking import MlflowClient
 
+    from lada_core.benchmarks.mini_tail import FASHION_DIR
     from lada_core.config import build_config
 
-    args = sweep_args(dirs, "smoke", "--space", "lada_smoke", "--seed", "0", *BUDGET)
+    fashion = tmp_path / "fashion-mnist"
+    fashion.mkdir()
+    for f in Path(FASHION_DIR).glob("train-*"):
+        shutil.copy(f, fashion / f.name)
+    args = sweep_args(dirs, "smoke", "--space", "lada_smoke", "--seed", "0", "--data-root", str(fashion), *BUDGET)
     i = args.index("--verbose")
     del args[i : i + 2]  # the default console
     res = run_sweep(dirs, args)
@@ -99,7 +109,8 @@ def test_smoke_sweep_end_to_end(dirs: SweepDirs) -> None:
     assert parent.data.tags["lada.space"] == "lada_smoke" and parent.data.tags["lada.benchmark"] == "mini-tail"
     assert parent.data.tags["lada.cache_key"] == st["cache_key"]
     assert len(parent.data.tags.get("mlflow.source.git.commit", "")) == 40
-    assert "best_average" in parent.data.metrics
+    assert "best_val_average" in parent.data.metrics
+    assert "validation data only" in parent.data.tags["lada.selection"] and "validation data only" in res.stdout
     assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {r.data.params["lada.gaussian_components"] for r in runs} and all("lada.memory_size" in r.data.params for r in runs)
 
@@ -178,6 +189,50 @@ def _parent_views_checks(dirs: SweepDirs, st: dict, s: dict) -> None:
     assert {"plot-optimization_history", "plot-param_importances", "plot-parallel_coordinate", "plot-best_trial_accuracy_matrix"} <= divs
     assert not [a for t, a in parsed.tags if t == "script" and a.get("src")], "self-contained: no external script"
     assert sum(1 for t, _ in parsed.tags if t == "table") == 2 and s["best"]["trial_id"] in parsed.cells
+
+
+def test_sweep_finishes_with_every_test_image_deleted(dirs: SweepDirs, tmp_path: Path) -> None:
+    """The tuning phase never opens a test image (Cha & Cho, TMLR 2025): a sweep on an X-TAIL tree
+    whose test images and MNIST t10k files are all deleted finishes; its trials are scored on the
+    validation split and their MLflow runs hold val/... metrics at step = task index, no test metric."""
+    root = make_xtail_tree(tmp_path / "xtail", 2, 10, 1, val_per_class=2)
+    assert remove_test_images(root) == 7 * 2 + 10 + 2 + 2  # seven split files of 2 classes, EuroSAT's 10, Aircraft's, MNIST's t10k pair
+    res = run_sweep(dirs, sweep_args(dirs, "notest", "--space", "lada_smoke", "--tiny-model", "--benchmark", "xtail", "--data-root", str(root),
+                                     "--num-samples", "2", "--max-concurrent", "1", "--set", "data.shots=null", "--set", "optim.epochs=1",
+                                     "--set", "optim.batch_size=8", *BUDGET))
+    assert res.returncode == 0, res.stderr[-5000:]
+    s = summary(dirs, "notest")
+    assert s["completed"] == 2 and s["tuned_on"] == "val" and s["peek_test"] is False
+    assert all(r["val/average"] is not None for r in s["rows"])
+    runs = _mlflow_checks(dirs, "notest", expect_finished=2)
+    assert all(len(r.data.metrics) > 0 for r in runs)
+    # The cache holds the train and val splits only: no test folder was made.
+    manifests = [json.loads(m.read_text()) for m in Path(settings(dirs, "notest")["cache_path"]).parent.glob("*/manifest.json")]
+    assert sorted(m["split"] for m in manifests if m["benchmark"] == "xtail") == ["train", "val"]
+
+
+def test_peek_test_adds_test_metrics_and_says_so(dirs: SweepDirs, tmp_path: Path) -> None:
+    """--peek-test: the trial runs also hold test/... metrics at every step; the trials are still scored
+    on val/... (the objective equals val/average), and the summary says in words that the best was
+    selected with test data in view."""
+    from mlflow.tracking import MlflowClient
+
+    root = make_xtail_tree(tmp_path / "xtail", 2, 10, 1, val_per_class=2)
+    res = run_sweep(dirs, sweep_args(dirs, "peek", "--space", "lada_smoke", "--tiny-model", "--benchmark", "xtail", "--data-root", str(root),
+                                     "--num-samples", "1", "--peek-test", "--set", "data.shots=null", "--set", "optim.epochs=1",
+                                     "--set", "optim.batch_size=8", *BUDGET))
+    assert res.returncode == 0, res.stderr[-5000:]
+    assert "selected with test data in view" in res.stdout
+    s = summary(dirs, "peek")
+    assert s["peek_test"] is True and "test data in view" in s["selection"]
+    (row,) = s["rows"]
+    assert row["objective"] == pytest.approx(row["val/average"]) and row["test/average"] is not None
+    (run,) = _mlflow_checks(dirs, "peek", expect_finished=1, peek=True)
+    client = MlflowClient(dirs.mlflow_uri)
+    for key in ("test/average", "test/acc/MNIST"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(10)), key
+    parent = client.get_run(settings(dirs, "peek")["parent_run_id"])
+    assert "test data in view" in parent.data.tags["lada.selection"]
 
 
 def test_asha_stops_weak_trials_between_tasks(dirs: SweepDirs) -> None:
@@ -358,6 +413,7 @@ def test_multi_gpu_trial_placement_with_logical_gpus(dirs: SweepDirs) -> None:
     bundle = load_bundle(st["cache_path"])  # the cache the sweep built
     ref = run_continual(cfg, bundle, dirs.root / "ref", log=lambda m: None)
     last = trial_rows[-1]
+    assert cfg.eval.split == "val"  # the sweep's trials score the validation split
     for key in M.METRICS:
-        assert last[key] == pytest.approx(ref.summary[key], abs=0.05), key
+        assert last[f"val/{key}"] == pytest.approx(ref.summary[key], abs=0.05), key
     assert not math.isnan(last["objective"])

@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lada_core import metrics as M
-from sweeps.objective import OBJECTIVE, MetricError, Objective, parse_metric
+from sweeps.objective import OBJECTIVE, VAL_METRICS, MetricError, Objective, metric_key, parse_metric
 from sweeps.resources import ResourceError, check_request, validate_request
 from sweeps.trainable import NUM_TASKS, TASKS_DONE, TrialSpec, step_result
 
@@ -54,7 +54,14 @@ def test_step_result_fields() -> None:
     r = step_result(metrics, 1, 3, 2.5, Objective({"last": 1.0}))
     assert r[M.TASK_INDEX] == 1 and r[TASKS_DONE] == 2 and r[NUM_TASKS] == 3
     assert r[OBJECTIVE] == pytest.approx(50.0)  # mean of a[1, :2]
-    assert r[M.TRANSFER] == pytest.approx((10.0 + (20.0 + 30.0) / 2) / 2)
+    assert r["val/transfer"] == pytest.approx((10.0 + (20.0 + 30.0) / 2) / 2)
+    # Every metric is a validation metric, named val/...; nothing else carries a bare metric name.
+    assert r["val/acc/b"] == 60.0 and r["val/seen_mean"] == pytest.approx(50.0)
+    assert not {M.TRANSFER, M.AVERAGE, M.LAST, "acc/a"} & set(r) and not any(k.startswith("test/") for k in r)
+    peeked = step_result(metrics, 1, 3, 2.5, Objective({"last": 1.0}), {"test/last": 10.0, "test/acc/a": 5.0})
+    assert peeked["test/last"] == 10.0 and peeked[OBJECTIVE] == pytest.approx(50.0)  # the objective stays on val
+    with pytest.raises(ValueError, match="not a test/ metric"):
+        step_result(metrics, 1, 3, 2.5, Objective({"last": 1.0}), {"last": 1.0})
 
 
 def test_trial_spec_precedence() -> None:
@@ -477,7 +484,7 @@ def test_tracker_child_runs_batching_and_resume(tracker_env: tuple[Any, str, str
     assert tr2.runs["t1"] == run_id
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags[OUTCOME_TAG] == "completed"
-    for key in (M.AVERAGE, M.LAST, M.TRANSFER, OBJECTIVE, "acc/d1", M.TASK_INDEX):
+    for key in (*VAL_METRICS, OBJECTIVE, "val/acc/d1", M.TASK_INDEX):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1, 2], key
     arts = {a.path for a in client.list_artifacts(run_id)}
     assert {MATRIX_CSV, MATRIX_PNG} <= arts
@@ -496,7 +503,7 @@ def test_tracker_child_runs_batching_and_resume(tracker_env: tuple[Any, str, str
     trial2.last_result = _result(1)
     tr3.on_trial_complete(0, [trial2], trial2)
     assert tr3.runs["t2"] == tr.runs["t2"]
-    assert [m.step for m in client.get_metric_history(tr.runs["t2"], M.AVERAGE)] == [0, 1]
+    assert [m.step for m in client.get_metric_history(tr.runs["t2"], metric_key(M.AVERAGE))] == [0, 1]
     assert client.get_run(tr.runs["t2"]).data.tags[OUTCOME_TAG] == "pruned"
 
     # Errors and orphans.
@@ -550,7 +557,7 @@ def test_tracker_closes_runs_of_trials_that_ended_before_the_driver_was_killed(t
     state = tr.get_state()
     tr.writer._pending.clear()  # t1's and t2's last steps die with the driver
     for tid in ("t1", "t2"):
-        assert [m.step for m in client.get_metric_history(tr.runs[tid], M.AVERAGE)] == [0], "MLflow lacks steps 1 and 2"
+        assert [m.step for m in client.get_metric_history(tr.runs[tid], metric_key(M.AVERAGE))] == [0], "MLflow lacks steps 1 and 2"
     # The state Tune saved says t1 and t2 ended (t1 completed, t2 errored); their runs are RUNNING.
     t1.status, t2.status = "TERMINATED", "ERROR"
     tr2 = _tracker(uri, exp, parent)
@@ -561,7 +568,7 @@ def test_tracker_closes_runs_of_trials_that_ended_before_the_driver_was_killed(t
     assert r2.info.status == "FAILED" and r2.data.tags[OUTCOME_TAG] == "failed"
     assert r3.info.status == "FINISHED" and r3.info.end_time == closed_before, "a closed run is left as it is"
     for r in (r1, r2):
-        assert [m.step for m in client.get_metric_history(r.info.run_id, M.AVERAGE)] == [0, 1, 2], "every step once"
+        assert [m.step for m in client.get_metric_history(r.info.run_id, metric_key(M.AVERAGE))] == [0, 1, 2], "every step once"
     csv = Path(client.download_artifacts(r1.info.run_id, MATRIX_CSV)).read_text().splitlines()
     assert len(csv) == 4 and csv[3].startswith("d2,70.0000")
     tr2.on_step_begin(1, trials)
@@ -642,7 +649,7 @@ def test_tracker_keeps_metrics_when_mlflow_is_down(tracker_env: tuple[Any, str, 
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == ["t1", "t2"], "one run per trial"
     for r in runs:
         assert r.info.status == "FINISHED" and r.data.tags[OUTCOME_TAG] == "completed"
-        assert [m.step for m in client.get_metric_history(r.info.run_id, M.AVERAGE)] == [0, 1, 2]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, metric_key(M.AVERAGE))] == [0, 1, 2]
         assert [m.step for m in client.get_metric_history(r.info.run_id, M.TASK_INDEX)] == [0, 1, 2]
 
 
@@ -661,7 +668,7 @@ def test_tracker_is_picklable(tracker_env: tuple[Any, str, str, str]) -> None:
 def test_paper_numbers_beside_xtail_only() -> None:
     from sweeps.report import paper_comparison
 
-    best = {M.TRANSFER: 60.0, M.AVERAGE: 71.25, M.LAST: 82.5}
+    best = {"val/transfer": 60.0, "val/average": 71.25, "val/last": 82.5}
     text = paper_comparison("xtail", 16, best)
     assert text is not None and "16-shot" in text
     lada = next(line for line in text.splitlines() if line.startswith("LADA"))
@@ -680,7 +687,7 @@ def test_report_table_orders_by_value(tmp_path: Path) -> None:
     for i, (state, value) in enumerate([(TrialState.COMPLETE, 50.0), (TrialState.PRUNED, None), (TrialState.COMPLETE, 70.0), (TrialState.FAIL, None)]):
         study.add_trial(optuna.trial.create_trial(state=state, value=value, params={"optim.lr": 1e-3 * (i + 1)}, distributions=dist,
                                                    user_attrs={"ray_trial_id": f"t{i}"}, intermediate_values={0: 10.0 * i}))
-    results = {"t2": {M.TRANSFER: 1.0, M.AVERAGE: 70.0, M.LAST: 75.0, "tasks_done": 7}}
+    results = {"t2": {"val/transfer": 1.0, "val/average": 70.0, "val/last": 75.0, "tasks_done": 7}}
     rows = top_trials(study, results, top=3)
     assert [r["trial_id"] for r in rows][:2] == ["t2", "t0"] and len(rows) == 3
     table = format_table(rows).splitlines()
@@ -704,7 +711,7 @@ def test_tracker_background_thread(tracker_env: tuple[Any, str, str, str]) -> No
     tr.on_experiment_end([trial])
     run = client.get_run(tr.runs["t1"])
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, M.AVERAGE)] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, metric_key(M.AVERAGE))] == [0, 1, 2]
     assert "accuracy_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 

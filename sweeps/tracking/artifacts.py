@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeps.tracking.store import ACC_PREFIX, MATRIX_CSV, MATRIX_PNG, OUTCOME_TAG, STEP_METRICS
+from sweeps.tracking.store import ACC_PREFIX, MATRIX_CSV, MATRIX_PNG, OUTCOME_TAG, PEEK_PREFIX, STEP_METRICS
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.tracking import MlflowClient
@@ -20,7 +20,7 @@ def step_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """The metrics of one Tune result that go to MLflow (finite numbers only)."""
     out: dict[str, float] = {}
     for key, value in result.items():
-        if key in STEP_METRICS or key.startswith(ACC_PREFIX):
+        if key in STEP_METRICS or key.startswith((ACC_PREFIX, PEEK_PREFIX)):
             try:
                 v = float(value)
             except (TypeError, ValueError):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lada_core import metrics as M
-from sweeps.objective import OBJECTIVE
+from sweeps.objective import OBJECTIVE, PEEK_SPLIT, VAL_METRICS, metric_key
 from sweeps.results import TASK_SECONDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,9 +23,11 @@ PARENT_TAG = "mlflow.parentRunId"
 TRIAL_ID_TAG = "lada.trial_id"
 SWEEP_TAG = "lada.sweep"
 OUTCOME_TAG = "lada.outcome"
-ACC_PREFIX = "acc/"
-STEP_METRICS = (*M.METRICS, M.SEEN_MEAN, OBJECTIVE, TASK_SECONDS)
-"""Per-step metric keys logged besides ``acc/<dataset>`` (names shared with the trainer)."""
+ACC_PREFIX = metric_key("acc/")
+STEP_METRICS = (*VAL_METRICS, metric_key(M.SEEN_MEAN), OBJECTIVE, TASK_SECONDS)
+"""Per-step metric keys logged besides ``val/acc/<dataset>`` (names shared with the trainer)."""
+PEEK_PREFIX = metric_key("", PEEK_SPLIT)
+"""``test/``: the metrics ``--peek-test`` adds (logged, never selected on)."""
 MATRIX_CSV = "accuracy_matrix.csv"
 MATRIX_PNG = "accuracy_matrix.png"
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
