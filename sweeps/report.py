@@ -181,7 +181,7 @@ def write_html(path: str, settings: Any, study: Any, rows: list[dict[str, Any]],
 def main(argv: Sequence[str] | None = None) -> int:
     from optuna.trial import TrialState
 
-    from sweeps.settings import BEST_CONFIG, is_uri, join_path, load_settings, storage_root, write_text
+    from sweeps.settings import BEST_CONFIG, FINAL_MD, is_uri, join_path, load_settings, read_text, storage_root, write_text
     from sweeps.summary import selection_note
 
     args = build_parser().parse_args(argv)
@@ -243,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nparameter importances: not yet ({imp_note})")
     if paper:
         print("\n" + paper)
+    final = read_text(join_path(settings.folder, FINAL_MD))
+    if final:
+        print("\n" + final.rstrip())
     return 0
 
 

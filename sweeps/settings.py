@@ -26,6 +26,9 @@ TINY_MODEL = "lada-tiny"  # the random-init model lada_core ships (lada_core/dat
 DEFAULT_EXPERIMENT = "lada-sweeps"
 
 # Settings that define a sweep: on --resume they come from sweep.json and may not change.
+FINAL_MD = "final_report.md"
+"""The final evaluation's table (``lada-sweep-evaluate``), in the sweep's folder and on its parent run."""
+
 IDENTITY = (
     "space", "benchmark", "data_root", "num_samples", "metric", "scheduler", "grace_period",
     "reduction_factor", "gpus_per_trial", "cpus_per_trial", "seed", "config", "set", "study_storage",

@@ -25,7 +25,7 @@ from typing import Any
 
 from lada_core import metrics as M
 from sweeps import faults
-from sweeps.objective import OBJECTIVE, PEEK_SPLIT, Objective, metric_key
+from sweeps.objective import OBJECTIVE, PEEK_SPLIT, TUNE_SPLIT, Objective, metric_key
 from sweeps.results import (  # noqa: F401 - the result schema, also read from here
     DIVERGED,
     ERROR,
@@ -88,6 +88,7 @@ class TrialSpec:
     objective: Objective = field(default_factory=lambda: Objective({M.AVERAGE: 1.0}))
     work_root: str | None = None  # node-local folder for the trainer's output (default: the temp dir)
     results_dir: str | None = None  # the sweep's folder when it is a local or shared path (not a URI)
+    metric_split: str = TUNE_SPLIT  # the split the trainer scores (eval.split): "val" in a sweep, "test" in the final evaluation
 
     def config(self, sample: Mapping[str, Any]) -> Any:
         """The trial's Config: base < sample < --set."""
@@ -97,11 +98,11 @@ class TrialSpec:
 
 
 def step_result(metrics: Mapping[str, float], task_index: int, num_tasks: int, seconds: float, objective: Objective,
-                peek: Mapping[str, float] | None = None) -> dict[str, Any]:
+                peek: Mapping[str, float] | None = None, split: str = TUNE_SPLIT) -> dict[str, Any]:
     """The result dict of one task step (what Tune, ASHA, Optuna and MLflow see). ``metrics`` are the
     trainer's on the validation split: each is reported as ``val/<name>`` and the objective is computed
     from them. ``peek`` (``--peek-test``): the trainer's ``test/<name>`` metrics, passed through."""
-    out: dict[str, Any] = {metric_key(k): float(v) for k, v in metrics.items() if k != M.TASK_INDEX}
+    out: dict[str, Any] = {metric_key(k, split): float(v) for k, v in metrics.items() if k != M.TASK_INDEX}
     for k, v in (peek or {}).items():
         if not k.startswith(metric_key("", PEEK_SPLIT)):
             raise ValueError(f"peek metric {k!r} is not a test/ metric")
@@ -242,7 +243,8 @@ class _Reporter:
         self.last["result"] = result
 
     def on_task_end(self, te: Any) -> None:
-        result = step_result(te.metrics, te.task_index, te.num_tasks, te.seconds, self.spec.objective, getattr(te, "peek", None))
+        result = step_result(te.metrics, te.task_index, te.num_tasks, te.seconds, self.spec.objective, getattr(te, "peek", None),
+                             self.spec.metric_split)
         result.update(self.extra)
         if getattr(te, "resumed", False):
             self.last["result"] = result

@@ -1,0 +1,52 @@
+"""``lada-sweep-evaluate`` end to end (issue 11, section 3): after a sweep tuned on validation data, the
+top config and the paper defaults are trained with two seeds as Ray Tune trials, logged as child runs of
+the sweep's parent tagged ``lada.phase=final``, scored on test, and reported with the paired difference;
+with a test image deleted the command stops with one line naming it (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sweeps_helpers import SweepDirs, child_runs, run_sweep, settings, summary, sweep_args, sweep_env
+from xtail_fixture import make_xtail_tree, remove_test_images
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_final_evaluation_then_a_missing_test_image(sweep_dirs: SweepDirs, tmp_path: Path) -> None:
+    dirs = sweep_dirs
+    root = make_xtail_tree(tmp_path / "xtail", 2, 10, 1, val_per_class=2)
+    res = run_sweep(dirs, sweep_args(dirs, "fin", "--space", "lada_smoke", "--tiny-model", "--benchmark", "xtail", "--data-root", str(root),
+                                     "--num-samples", "2", "--max-concurrent", "1", "--set", "data.shots=null", "--set", "optim.epochs=1",
+                                     "--set", "optim.batch_size=8", "--time-budget-s", "400"))
+    assert res.returncode == 0, res.stderr[-5000:]
+    assert summary(dirs, "fin")["completed"] == 2
+    cmd = [sys.executable, "-m", "sweeps.evaluate", "--name", "fin", "--storage", str(dirs.storage), "--top", "1", "--seeds", "2", "--local-cpus", "2"]
+    ev = subprocess.run(cmd, capture_output=True, text=True, cwd=dirs.root, env=sweep_env(dirs), timeout=900)
+    assert ev.returncode == 0, ev.stderr[-5000:]
+    report = json.loads((dirs.folder("fin") / "final_report.json").read_text())
+    rows = report["rows"]
+    assert [r["config"] for r in rows][0] == "paper defaults" and len(rows) == 2
+    assert rows[1]["seeds"] == 2 and rows[1]["verdict"] in ("beats the defaults", "indistinguishable", "worse")
+    assert rows[1]["val_objective"] is not None and all(0 <= r["test_average"][0] <= 100 for r in rows)
+    md = (dirs.folder("fin") / "final_report.md").read_text()
+    assert "| paper defaults" in md and rows[1]["verdict"] in md
+    st = settings(dirs, "fin")
+    final = [r for r in child_runs(dirs.mlflow_uri, st["parent_run_id"]) if r.data.tags.get("lada.phase") == "final"]
+    assert len(final) == 4 and all(r.info.status == "FINISHED" for r in final)
+    assert all("test/average" in r.data.metrics and not any(k.startswith("val/") for k in r.data.metrics) for r in final)
+    rep = subprocess.run([sys.executable, "-m", "sweeps.report", "--storage", str(dirs.storage), "--name", "fin"],
+                         capture_output=True, text=True, cwd=dirs.root, timeout=300)
+    assert rep.returncode == 0 and "Final evaluation of sweep fin" in rep.stdout, rep.stderr[-3000:]
+
+    remove_test_images(root)
+    ev = subprocess.run(cmd, capture_output=True, text=True, cwd=dirs.root, env=sweep_env(dirs), timeout=300)
+    lines = [line for line in ev.stderr.splitlines() if line.startswith("lada-sweep-evaluate: error:")]
+    assert ev.returncode == 2 and len(lines) == 1, ev.stderr[-3000:]
+    assert "missing, first: " in lines[0] and str(root) in lines[0]
