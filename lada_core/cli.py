@@ -193,7 +193,7 @@ def dry_run_plan(cfg: Any) -> dict[str, Any]:
                 "class_names": task.class_names,
                 "train_images": len(task.train),
                 "val_images": len(task.val) if task.val is not None else 0,
-                "test_images": len(task.test),
+                "test_images": len(task.test) if cfg.eval.split == "test" or cfg.eval.peek_test else None,  # not opened otherwise
                 "epochs": task_epochs(cfg, task.epochs),
                 "memory_units": units,
                 "trainable_params": trainable_count(enc, units, bb.embed_dim),
