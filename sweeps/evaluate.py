@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def candidates(settings: Settings, top: int) -> list[tuple[str, dict[str, Any], float | None]]:
     """``(label, sampled params, validation objective)``: the paper defaults first (no sampled
-    parameter: the config's defaults, the paper's), then the ``top`` best distinct completed trials."""
+    parameter: the config's defaults, the paper's; their validation objective is that of the trial
+    that ran them, if one did), then the ``top`` best distinct completed trials other than the defaults."""
     from optuna.trial import TrialState
 
     from sweeps.optuna_storage import load_study
@@ -55,13 +56,18 @@ def candidates(settings: Settings, top: int) -> list[tuple[str, dict[str, Any], 
     study = load_study(settings.study_storage, settings.name)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.value is not None]
     done.sort(key=lambda t: -float(t.value or 0.0) if settings.mode == "max" else float(t.value or 0.0))
-    out: list[tuple[str, dict[str, Any], float | None]] = [(DEFAULTS, {}, None)]
+    spec = final_spec(settings)
+    defaults = spec.config({})
+    default_value: float | None = None
+    picked: list[tuple[str, dict[str, Any], float | None]] = []
     seen: list[dict[str, Any]] = []
     for t in done:
-        if dict(t.params) not in seen and len(seen) < top:
+        if spec.config(dict(t.params)) == defaults:
+            default_value = float(t.value or 0.0) if default_value is None else default_value
+        elif dict(t.params) not in seen and len(seen) < top:
             seen.append(dict(t.params))
-            out.append((f"trial {t.number}", dict(t.params), float(t.value or 0.0)))
-    return out
+            picked.append((f"trial {t.number}", dict(t.params), float(t.value or 0.0)))
+    return [(DEFAULTS, {}, default_value), *picked]
 
 
 def final_spec(settings: Settings) -> Any:

@@ -35,6 +35,7 @@ def test_final_evaluation_then_a_missing_test_image(sweep_dirs: SweepDirs, tmp_p
     assert [r["config"] for r in rows][0] == "paper defaults" and len(rows) == 2
     assert rows[1]["seeds"] == 2 and rows[1]["verdict"] in ("beats the defaults", "indistinguishable", "worse")
     assert rows[1]["val_objective"] is not None and all(0 <= r["test_average"][0] <= 100 for r in rows)
+    assert rows[1]["params"] and rows[0]["val_objective"] is not None  # the defaults ran as the sweep's first trial
     md = (dirs.folder("fin") / "final_report.md").read_text()
     assert "| paper defaults" in md and rows[1]["verdict"] in md
     st = settings(dirs, "fin")
