@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--point", action="append", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                    help="evaluate this point of the space right after the space's own first points, before the sampler's (repeatable), "
                         "e.g. --point optim.lr=3e-3,lada.memory_size=8; every name must be one the space suggests, the others keep being sampled")
+    g.add_argument("--final-eval", action="store_true",
+                   help="after the sweep, run the final evaluation (lada-sweep-evaluate): the top configs by validation objective and "
+                        "the paper defaults, each trained with several seeds and scored on test")
+    g.add_argument("--final-top", type=int, default=3, help="--final-eval: configs besides the paper defaults (default 3)")
+    g.add_argument("--final-seeds", type=int, default=3, help="--final-eval: seeds per config (default 3)")
     g.add_argument("--peek-test", action="store_true", default=None,
                    help="also log test/... metrics in every trial run, for exploration; trials are still scored and selected on val/... "
                         "metrics, and the summary says that the best was selected with test data in view")
@@ -125,7 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sweeps.runner import run
         from sweeps.settings import RunOptions, resolve
 
-        return run(prepare(resolve(args), RunOptions.from_args(args)))
+        plan = prepare(resolve(args), RunOptions.from_args(args))
+        code = run(plan)
+        if code == 0 and args.final_eval:
+            from sweeps.evaluate import main as evaluate_main
+
+            s = plan.settings
+            code = evaluate_main(["--name", s.name, "--storage", s.storage, "--top", str(args.final_top), "--seeds", str(args.final_seeds),
+                                  "--max-failures", str(args.max_failures), *(["--address", args.address] if args.address else []),
+                                  *(["--local-cpus", str(args.local_cpus)] if args.local_cpus else [])])
+        return code
     except KeyboardInterrupt:
         print("lada-sweep: interrupted; continue with --resume --name <name>", file=sys.stderr)
         return 130

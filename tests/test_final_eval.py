@@ -24,12 +24,10 @@ def test_final_evaluation_then_a_missing_test_image(sweep_dirs: SweepDirs, tmp_p
     root = make_xtail_tree(tmp_path / "xtail", 2, 10, 1, val_per_class=2)
     res = run_sweep(dirs, sweep_args(dirs, "fin", "--space", "lada_smoke", "--tiny-model", "--benchmark", "xtail", "--data-root", str(root),
                                      "--num-samples", "2", "--max-concurrent", "1", "--set", "data.shots=null", "--set", "optim.epochs=1",
-                                     "--set", "optim.batch_size=8", "--time-budget-s", "400"))
-    assert res.returncode == 0, res.stderr[-5000:]
-    assert summary(dirs, "fin")["completed"] == 2
+                                     "--set", "optim.batch_size=8", "--time-budget-s", "400", "--final-eval", "--final-top", "1", "--final-seeds", "2"))
+    assert res.returncode == 0, res.stderr[-5000:]  # lada-sweep --final-eval: the sweep, then lada-sweep-evaluate
+    assert summary(dirs, "fin")["completed"] == 2 and "Final evaluation of sweep fin" in res.stdout
     cmd = [sys.executable, "-m", "sweeps.evaluate", "--name", "fin", "--storage", str(dirs.storage), "--top", "1", "--seeds", "2", "--local-cpus", "2"]
-    ev = subprocess.run(cmd, capture_output=True, text=True, cwd=dirs.root, env=sweep_env(dirs), timeout=900)
-    assert ev.returncode == 0, ev.stderr[-5000:]
     report = json.loads((dirs.folder("fin") / "final_report.json").read_text())
     rows = report["rows"]
     assert [r["config"] for r in rows][0] == "paper defaults" and len(rows) == 2
