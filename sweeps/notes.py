@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lada_core import metrics as M
+from sweeps.objective import VAL_METRICS
 
 NOTE_TAG = "mlflow.note.content"
 LEADERBOARD_ROWS = 10
@@ -34,7 +34,7 @@ def _num(v: Any) -> str:
 
 def leaderboard(rows: Sequence[Mapping[str, Any]], mode: str = "max", top: int = LEADERBOARD_ROWS) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the top trials (finite objective first, best first). A row: ``trial_id``,
-    ``outcome``, ``objective``, the metrics of :data:`lada_core.metrics.METRICS`, ``tasks_done``,
+    ``outcome``, ``objective``, the validation metrics (:data:`sweeps.objective.VAL_METRICS`), ``tasks_done``,
     ``config`` (the sampled parameters)."""
     sign = 1 if mode == "max" else -1
 
@@ -46,9 +46,9 @@ def leaderboard(rows: Sequence[Mapping[str, Any]], mode: str = "max", top: int =
 
     ranked = sorted(rows, key=key)[: top if top > 0 else None]
     params = sorted({k for r in ranked for k in (r.get("config") or {})})
-    head = ["rank", "trial", "outcome", "objective", *M.METRICS, "tasks", *params]
+    head = ["rank", "trial", "outcome", "objective", *VAL_METRICS, "tasks", *params]
     cells = [[str(i + 1), str(r.get("trial_id", "-")), str(r.get("outcome", "-")), _num(r.get("objective")),
-              *(_num(r.get(k)) for k in M.METRICS), _num(r.get("tasks_done")), *(_num((r.get("config") or {}).get(p)) for p in params)]
+              *(_num(r.get(k)) for k in VAL_METRICS), _num(r.get("tasks_done")), *(_num((r.get("config") or {}).get(p)) for p in params)]
              for i, r in enumerate(ranked)]
     return head, cells
 

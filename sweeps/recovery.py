@@ -123,8 +123,8 @@ def resume_point(workdir: Path, results_dir: str | None, trial_id: str) -> int:
 
 def newest_into(ckpt_dir: Path, results_dir: str | None, trial_id: str) -> None:
     """Put the trial's newest stored task checkpoint in ``ckpt_dir`` when it is newer than the one
-    Tune holds (Tune lost the last one's registration with the worker: see
-    :class:`ResultLedger`)."""
+    Tune holds (Tune took the last result but lost the worker before it fetched that result's
+    checkpoint)."""
     newest = newest_stored_checkpoint(results_dir, trial_id, newer_than=_task_index(ckpt_dir))
     if newest is not None:
         shutil.rmtree(ckpt_dir)

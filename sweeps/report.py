@@ -166,7 +166,7 @@ def write_html(path: str, settings: Any, study: Any, rows: list[dict[str, Any]],
     from sweeps.visuals import TITLES, best_matrix, plotly_figures
 
     board = [{"trial_id": r["trial_id"], "outcome": r["state"].lower(), "objective": r["value"], "tasks_done": r["tasks_done"],
-              "config": r["params"], **{k: r[k] for k in M.METRICS}} for r in rows]
+              "config": r["params"], **{k: r[k] for k in VAL_METRICS}} for r in rows]
     best = next((r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None), None)
     figs = plotly_figures(study, best_matrix(settings.folder, best["trial_id"] if best else None))
     counts = ", ".join(f"{n} {st.lower()}" for st, n in sorted({r["state"]: sum(1 for x in rows if x["state"] == r["state"]) for r in rows}.items()))

@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from lada_core import metrics as M
 from sweeps.console import RAY_AUTH_NOTICE, RAY_AUTH_NOTICE_LOGGER, QuietLogs, header_lines, mlflow_run_url
-from sweeps.objective import OBJECTIVE
+from sweeps.objective import OBJECTIVE, VAL_METRICS
 from sweeps.progress import SweepProgress, progress_text
 from sweeps.results import NUM_TASKS, TASKS_DONE
 
@@ -181,10 +180,11 @@ def test_markdown_note_and_html_page() -> None:
     from sweeps.notes import html_page, leaderboard, markdown_note
     from sweeps.visuals import HEATMAP, TITLES, plotly_figures
 
-    rows = [{"trial_id": t, "outcome": o, "objective": v, "tasks_done": 3, "config": {"lr": lr}, **{k: v for k in M.METRICS}}
+    rows = [{"trial_id": t, "outcome": o, "objective": v, "tasks_done": 3, "config": {"lr": lr}, **{k: v for k in VAL_METRICS}}
             for t, o, v, lr in (("a", "completed", 40.0, 0.1), ("b", "completed", 55.0, 0.2), ("c", "failed", None, 0.3))]
     head, cells = leaderboard(rows, "max")
     assert [c[1] for c in cells] == ["b", "a", "c"] and head[-1] == "lr"
+    assert head[4:7] == list(VAL_METRICS) and cells[0][4] == "55.00", "the validation metrics of the rows"
     summary = {"name": "s", "space": "x", "objective": "average", "mode": "max", "trials": 3, "outcomes": {"completed": 2, "failed": 1},
                "best": rows[1], "rows": rows, "wall_s": 10.0}
     note = markdown_note(summary, "lada:\n  memory_size: 8\n", {"lr": 0.7}, ["lada-train --config best.yaml"])
