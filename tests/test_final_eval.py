@@ -44,6 +44,29 @@ def test_final_evaluation_then_a_missing_test_image(sweep_dirs: SweepDirs, tmp_p
                          capture_output=True, text=True, cwd=dirs.root, timeout=300)
     assert rep.returncode == 0 and "Final evaluation of sweep fin" in rep.stdout, rep.stderr[-3000:]
 
+    # Run again (as after a kill): the final Tune run is restored, nothing is trained again.
+    final_dir = dirs.storage / "fin-final"
+    before = {p: p.read_text() for p in final_dir.glob("*/result.json")}
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=dirs.root, env=sweep_env(dirs), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(before) == 4 and {p: p.read_text() for p in final_dir.glob("*/result.json")} == before, "no final trial ran again"
+    assert len([r for r in child_runs(dirs.mlflow_uri, st["parent_run_id"]) if r.data.tags.get("lada.phase") == "final"]) == 4
+    assert json.loads((dirs.folder("fin") / "final_report.json").read_text())["rows"] == rows
+
+    # Tune on one tree, evaluate on another of the same shape (Cha & Cho's two-phase protocol).
+    other = make_xtail_tree(tmp_path / "xtail-other", 2, 10, 1, val_per_class=2, seed=7)
+    on_other = subprocess.run([*cmd, "--benchmark", "xtail", "--data-root", str(other)], capture_output=True, text=True, cwd=dirs.root,
+                              env=sweep_env(dirs), timeout=600)
+    assert on_other.returncode == 0, on_other.stderr[-3000:]
+    (other_json,) = dirs.folder("fin").glob("final_report.xtail-*.json")
+    other_report = json.loads(other_json.read_text())
+    assert other_report["tuned_on"] == "xtail" and other_report["evaluated_data_root"] == str(other.resolve())
+    assert [r["val_objective"] for r in other_report["rows"]] == [r["val_objective"] for r in rows], "the tuning scores beside"
+    assert other_report["rows"][1]["verdict"] in ("beats the defaults", "indistinguishable", "worse")
+    assert f"evaluated on xtail ({other.resolve()}) (test)" in other_json.with_suffix(".md").read_text()
+    runs = [r for r in child_runs(dirs.mlflow_uri, st["parent_run_id"]) if r.data.tags.get("lada.phase") == "final"]
+    assert len(runs) == 8 and all(r.data.tags.get("lada.eval_benchmark") == "xtail" for r in runs)
+
     remove_test_images(root)
     ev = subprocess.run(cmd, capture_output=True, text=True, cwd=dirs.root, env=sweep_env(dirs), timeout=300)
     lines = [line for line in ev.stderr.splitlines() if line.startswith("lada-sweep-evaluate: error:")]
