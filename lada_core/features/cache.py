@@ -490,12 +490,18 @@ def read_bundle(root: str | Path) -> dict[str, Any]:
         if (Path(root) / MANIFEST).is_file():
             raise CacheError(f"{root} is one split of a feature cache, not a bundle (open the folder lada-cache printed)")
         raise CacheError(f"no feature cache at {root} ({BUNDLE} not found)")
+    return _load_manifest(path, "bundle manifest", lambda m: isinstance(m.get("splits"), dict))
+
+
+def _load_manifest(path: Path, what: str, valid: Any) -> dict[str, Any]:
+    """The JSON object of a manifest file of this cache version that ``valid`` accepts, else a
+    :class:`CacheError` naming the file."""
     try:
         m = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CacheError(f"corrupt bundle manifest {path}: {exc}") from None
-    if not isinstance(m, dict) or m.get("version") != CACHE_VERSION or not isinstance(m.get("splits"), dict):
-        raise CacheError(f"corrupt or incompatible bundle manifest {path}")
+        raise CacheError(f"corrupt {what} {path}: {exc}") from None
+    if not isinstance(m, dict) or m.get("version") != CACHE_VERSION or not valid(m):
+        raise CacheError(f"corrupt or incompatible {what} {path}")
     return m
 
 
@@ -600,13 +606,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
         if Path(root).is_dir() and any(Path(root).rglob("*.parquet")):
             raise CacheError(f"incomplete feature cache {root}: no {MANIFEST} (an extraction was interrupted; run lada-cache again to resume)")
         raise CacheError(f"no feature cache at {root} ({MANIFEST} not found)")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CacheError(f"corrupt manifest {path}: {exc}") from None
-    if not isinstance(m, dict) or m.get("version") != CACHE_VERSION or "tasks" not in m or not isinstance(m.get("splits"), list):
-        raise CacheError(f"corrupt or incompatible manifest {path}")
-    return m
+    return _load_manifest(path, "manifest", lambda m: "tasks" in m and isinstance(m.get("splits"), list))
 
 
 def quick_check(root: Path) -> dict[str, Any]:
