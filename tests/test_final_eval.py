@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from sweeps_helpers import SweepDirs, child_runs, run_sweep, settings, summary, sweep_args, sweep_env
+from sweeps_helpers import SweepDirs, child_runs, kill_group, run_sweep, settings, summary, sweep_args, sweep_env
 from xtail_fixture import make_xtail_tree, remove_test_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -53,11 +54,34 @@ def test_final_evaluation_then_a_missing_test_image(sweep_dirs: SweepDirs, tmp_p
     assert len([r for r in child_runs(dirs.mlflow_uri, st["parent_run_id"]) if r.data.tags.get("lada.phase") == "final"]) == 4
     assert json.loads((dirs.folder("fin") / "final_report.json").read_text())["rows"] == rows
 
-    # Tune on one tree, evaluate on another of the same shape (Cha & Cho's two-phase protocol).
+    # Tune on one tree, evaluate on another of the same shape (Cha & Cho's two-phase protocol). One
+    # final trial at a time; the command is killed once the first has finished, then run again.
     other = make_xtail_tree(tmp_path / "xtail-other", 2, 10, 1, val_per_class=2, seed=7)
-    on_other = subprocess.run([*cmd, "--benchmark", "xtail", "--data-root", str(other)], capture_output=True, text=True, cwd=dirs.root,
+    on_args = [*cmd[:-1], "1", "--benchmark", "xtail", "--data-root", str(other)]
+    proc = subprocess.Popen(on_args, cwd=dirs.root, env=sweep_env(dirs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+    def finished() -> dict[Path, str]:
+        out = {}
+        for f in dirs.storage.glob("fin-final.xtail-*/*/result.json"):
+            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            if rows and rows[-1].get("tasks_done") == rows[-1].get("num_tasks") == 10:
+                out[f] = f.read_text()
+        return out
+
+    try:
+        deadline = time.monotonic() + 400
+        while not finished() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        done_before = finished()
+        assert proc.poll() is None and len(done_before) == 1, "killed with one final trial finished and three to go"
+    finally:
+        kill_group(proc)
+    on_other = subprocess.run(on_args[:-5] + ["2", *on_args[-4:]], capture_output=True, text=True, cwd=dirs.root,
                               env=sweep_env(dirs), timeout=600)
     assert on_other.returncode == 0, on_other.stderr[-3000:]
+    after = finished()
+    assert len(after) == 4 and all(after[f] == text for f, text in done_before.items()), "the finished trial was not trained again"
     (other_json,) = dirs.folder("fin").glob("final_report.xtail-*.json")
     other_report = json.loads(other_json.read_text())
     assert other_report["tuned_on"] == "xtail" and other_report["evaluated_data_root"] == str(other.resolve())
@@ -65,7 +89,7 @@ def test_final_evaluation_then_a_missing_test_image(sweep_dirs: SweepDirs, tmp_p
     assert other_report["rows"][1]["verdict"] in ("beats the defaults", "indistinguishable", "worse")
     assert f"evaluated on xtail ({other.resolve()}) (test)" in other_json.with_suffix(".md").read_text()
     runs = [r for r in child_runs(dirs.mlflow_uri, st["parent_run_id"]) if r.data.tags.get("lada.phase") == "final"]
-    assert len(runs) == 8 and all(r.data.tags.get("lada.eval_benchmark") == "xtail" for r in runs)
+    assert len([r for r in runs if r.info.status == "FINISHED"]) == 8 and all(r.data.tags.get("lada.eval_benchmark") == "xtail" for r in runs)
 
     remove_test_images(root)
     ev = subprocess.run(cmd, capture_output=True, text=True, cwd=dirs.root, env=sweep_env(dirs), timeout=300)
