@@ -21,6 +21,19 @@ TINY = "lada-tiny"
 MINI = ["backbone.model=lada-mini", "backbone.pretrained=lada-offline"]  # the mini CLIP (pretrained offline)
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _one_thread() -> None:
+    """The trainer runs in this process in many tests, while other processes (a test's Ray workers, a
+    sweep, anything else on the machine) may hold a core: torch's spinning thread pool then loses most
+    of its time waiting for the busy core (measured: one mini-tail run of the tiny model, 4.3 s on one
+    thread, 127 s on two with the other core busy). One thread, as Ray gives a 1-CPU trial."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+_one_thread()
 if str(TESTS) not in sys.path:  # helper modules (xtail_fixture, ...) import as top-level modules
     sys.path.insert(0, str(TESTS))
 
@@ -106,3 +119,51 @@ def sweep_dirs(tmp_path: Path, shared_cache_root: Path) -> Iterator[Any]:
     d = SweepDirs(tmp_path, shared_cache_root)
     yield d
     shutil.rmtree(d.ray_tmp, ignore_errors=True)
+
+
+# -- test layers ------------------------------------------------------------------------------------------
+LAYERS = ("unit", "integration", "e2e", "fault")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects: an unmarked test is selected as ``unit``
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test is in exactly one layer (pyproject.toml's markers); a test without a layer marker is
+    ``unit``, and the guard below holds it to that."""
+    mixed = []
+    for item in items:
+        layers = {m.name for m in item.iter_markers() if m.name in LAYERS}
+        if len(layers) > 1:
+            mixed.append(f"{item.nodeid}: {sorted(layers)}")
+        elif not layers:
+            item.add_marker(pytest.mark.unit)
+    if mixed:
+        raise pytest.UsageError("a test is in more than one layer (unit, integration, e2e, fault):\n  " + "\n  ".join(mixed))
+
+
+_OURS = ("python", "lada-", "ray", "mlflow")
+
+
+@pytest.fixture(autouse=True)
+def _unit_layer_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``unit`` test starts no Ray and no process of the project's (a Python interpreter, a console
+    script of this package, ``ray`` or ``mlflow``): what would is an ``integration`` or ``e2e`` test."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import subprocess
+
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self: Any, args: Any, *a: Any, **kw: Any) -> None:
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        prog = Path(os.fsdecode(argv[0])).name if argv else ""
+        if prog.startswith(_OURS) or os.fsdecode(argv[0]) == sys.executable:
+            raise AssertionError(f"a unit test started {prog!r}: mark it integration or e2e ({request.node.nodeid})")
+        popen_init(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    import ray
+
+    def no_ray(*a: Any, **kw: Any) -> None:
+        raise AssertionError(f"a unit test started Ray: mark it integration ({request.node.nodeid})")
+
+    monkeypatch.setattr(ray, "init", no_ray)

@@ -97,6 +97,7 @@ def split_dir(bundle: Path, split: str) -> Path:
 # ----------------------------------------------------------------------------------------- the key
 
 
+@pytest.mark.integration
 def test_same_inputs_reuse_and_changed_inputs_get_new_keys(bench: Path, built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache_root = built.parent
     path, err = build(capsys, cache_args(bench, cache_root))
@@ -174,6 +175,7 @@ def test_manifest_shards_arrays_and_memory_mapped_bundle(built: Path) -> None:
     assert np.array_equal(flat[6:12], emb) and np.array_equal(meta[:, 0], np.arange(6, 12) // vps)
 
 
+@pytest.mark.integration
 def test_each_split_is_encoded_only_when_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A bundle of train and val only (what a sweep tunes on) builds with every test image deleted:
     no test folder is listed, no test image opened, no test split encoded; the test split is added
@@ -290,7 +292,7 @@ def test_check_of_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture
 # ---------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigkill_then_rerun_gives_the_uninterrupted_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Kill ``lada-cache`` (the sweeps console script, a subprocess) once some shards are written;
     rerunning it finishes the cache, byte for byte the same as an uninterrupted build elsewhere."""
@@ -379,6 +381,7 @@ def _wide_benchmark(n: int, tag: str):  # noqa: ANN202
     return Benchmark("wide", [Task("wide", ["a", "b", "c", "d"], src, test_src, epochs=1, augment=False)])
 
 
+@pytest.mark.integration
 def test_extraction_streams_shard_by_shard(tmp_path: Path) -> None:
     """Peak Python/numpy memory of a whole build (encode + consolidate) stays near one shard (1 MB)
     plus fixed costs (a few MB, whatever the size): far below the 33 MB a whole-dataset array takes."""
@@ -405,6 +408,7 @@ def test_extraction_streams_shard_by_shard(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------- Ray
 
 
+@pytest.mark.e2e
 def test_cache_cli_without_ray_never_imports_ray(built: Path) -> None:
     code = (
         "import sys; from sweeps.cache_cli import main; rc = main(['--check', sys.argv[1]]); "
@@ -414,7 +418,7 @@ def test_cache_cli_without_ray_never_imports_ray(built: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_ray_fan_out_builds_the_same_cache(bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Two CPU encoder actors on a local Ray (one CPU, one torch thread each) against the local runner
     with one torch thread: the same manifest, the same bytes. (Float results depend on the CPU thread
@@ -444,6 +448,7 @@ def test_ray_fan_out_builds_the_same_cache(bench: Path, tmp_path: Path, capsys: 
     assert check_cache(ray_cache) == []
 
 
+@pytest.mark.integration
 def test_ray_runner_reports_the_users_error(tmp_path: Path) -> None:
     """A DataError raised inside an actor reaches the caller as itself (one line naming the file)."""
     import ray  # noqa: F401

@@ -318,6 +318,7 @@ def test_yaml_missing_file_and_folder(tmp_path: Path) -> None:
         (["optim.lr=!!float abc", "lada.beta=2"], "optim.lr: expected a number"),
     ],
 )
+@pytest.mark.e2e
 def test_cli_bad_set_one_line(sets: list[str], needle: str) -> None:
     args = [a for s in sets for a in ("--set", s)]
     out = subprocess.run([sys.executable, "-m", "lada_core.cli", *args, "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=120)

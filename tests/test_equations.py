@@ -24,6 +24,8 @@ from lada_core.model import (
     weighted_cross_entropy,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def test_lada_logit_hand_computed() -> None:
     # two units for class 0, one for class 1; x along e1

@@ -95,6 +95,7 @@ def test_state_dict_file_keeps_the_architecture_activation(tmp_path: Path) -> No
     assert _activations(B.load_backbone(TINY, str(path)).model) == {"visual": {"GELU"}, "text": {"GELU"}}
 
 
+@pytest.mark.e2e
 def test_dry_run_of_the_default_model_reports_the_trainable_counts() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "lada_core.cli", "--dry-run", "--set", "backbone.pretrained=null", "--set", "data.shots=null"],
@@ -117,6 +118,7 @@ def test_cluster_seed_defaults_to_the_authors_42() -> None:
     assert cfg.lada.cluster_seed == 42 and cfg.train.seed == 5
 
 
+@pytest.mark.integration
 def test_kmeans_and_mixtures_use_the_cluster_seed(tmp_path: Path, mini_cache, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """The trainer passes ``lada.cluster_seed`` (42), not ``train.seed``, to k-means and the mixtures."""
     from dataclasses import replace
@@ -201,6 +203,7 @@ def test_crafted_checkpoint_is_refused_without_running_code(tmp_path: Path) -> N
         load_checkpoint(folder)
 
 
+@pytest.mark.integration
 def test_trainer_checkpoints_load_with_weights_only(tmp_path: Path, mini_cache) -> None:  # noqa: ANN001
     """What run_continual writes loads with ``weights_only=True``; the rows are a tensor."""
     from dataclasses import replace
@@ -219,6 +222,7 @@ def test_trainer_checkpoints_load_with_weights_only(tmp_path: Path, mini_cache) 
 # ------------------------------------------------------------------------------------------- class names
 
 
+@pytest.mark.e2e
 def test_dry_run_on_xtail_prints_the_authors_class_names(tmp_path: Path) -> None:
     """``lada-train --dry-run --benchmark xtail`` shows the prompts' names: MNIST as
     'number: "0 - zero"', EuroSAT with ' satellite location' appended."""

@@ -51,7 +51,7 @@ from sweeps_helpers import (
 from lada_core import metrics as M
 from sweeps.trainable import REPLAYED
 
-pytestmark = [pytest.mark.slow, pytest.mark.fault]
+pytestmark = pytest.mark.fault
 
 BUDGET = ["--time-budget-s", "300"]
 # A few hundred optimizer steps per task (about a second each on this machine): a fault lands inside
@@ -237,6 +237,9 @@ def test_worker_lost_right_after_its_last_task_ends_the_trial_once(dirs: SweepDi
 
 # -- 2. a worker node of a two-node cluster killed --------------------------------------------------------
 def test_lost_worker_node_trials_move_to_the_other_node(dirs: SweepDirs) -> None:
+    """A head and a worker node from real ``ray start`` processes (token-authenticated), one CPU each:
+    the sweep connects with ``--address``, its concurrent trials run on both nodes (the kill waits for
+    that), then the worker node is killed and its trial moves to the head."""
     name = "nodeloss"
     tmp = short_tmp("rc")
     cluster = LocalRayCluster(tmp)

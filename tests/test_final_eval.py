@@ -15,7 +15,7 @@ import pytest
 from sweeps_helpers import SweepDirs, child_runs, kill_group, run_sweep, settings, summary, sweep_args, sweep_env
 from xtail_fixture import make_xtail_tree, remove_test_images
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from lada_core import trainer as T
 from lada_core.config import build_config
 from lada_core.features import ensure_cache, load_bundle
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.integration, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.fixture(scope="module")

@@ -89,13 +89,15 @@ def test_pretraining_never_sees_mini_tail_images() -> None:
                 assert not (seen & mine), task.name
 
 
-TINY_RECIPE = MC.with_steps(MC.DEFAULT_RECIPE, 3, fashion_images=48, rendered_per_class=4, batch_size=16, warmup_steps=1)
+TINY_RECIPE = MC.with_steps(MC.DEFAULT_RECIPE, 3, fashion_images=48, rendered_per_class=4, domain_only_per_class=4, batch_size=16,
+                           warmup_steps=1)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.integration
 def test_pretraining_is_deterministic_and_content_addressed(tmp_path: Path) -> None:
     a = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path / "a", progress=False, log=lambda m: None)
     b = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path / "b", progress=False, log=lambda m: None)
@@ -114,6 +116,7 @@ def test_pretraining_is_deterministic_and_content_addressed(tmp_path: Path) -> N
     assert not list((tmp_path / "a").glob("*.tmp-*"))
 
 
+@pytest.mark.integration
 def test_a_truncated_weights_file_is_never_used(tmp_path: Path) -> None:
     path = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path, progress=False, log=lambda m: None)
     good = _state(path)
@@ -137,7 +140,7 @@ def test_offline_tag_is_for_the_packaged_mini_model_only() -> None:
         check_model("lada-tiny", "lada-offline")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_mini_clip_zero_shot_above_chance_where_pretrained(mini_clip) -> None:
     """The X-TAIL rule before the first task (all 60 class names): well above chance on the domains
     the captions covered, near chance on the others."""
@@ -152,7 +155,7 @@ def test_mini_clip_zero_shot_above_chance_where_pretrained(mini_clip) -> None:
     assert np.mean(others) < min(covered), zs
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_task_is_learned_on_the_mini_clip(mini_clip_cache, mini_clip, tmp_path: Path) -> None:
     """Two tasks with the benchmark's schedule and the paper's settings (scored over their 18 class
     names): the first, near chance at zero-shot, is learned; the second keeps its zero-shot level."""

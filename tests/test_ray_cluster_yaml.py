@@ -6,9 +6,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+pytestmark = pytest.mark.unit
 
 CONFIG = Path(__file__).resolve().parent.parent / "ray_cluster.yaml"
 

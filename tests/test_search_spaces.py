@@ -14,6 +14,8 @@ from lada_core import metrics as M
 from lada_core.config import Config, build_config, from_dict, parameter_names
 from search_spaces import REGISTRY, UnknownSpaceError, get_space, space_names
 
+pytestmark = pytest.mark.unit
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 CACHE_FIELDS = ("data.", "backbone.")

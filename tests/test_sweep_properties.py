@@ -11,6 +11,7 @@ shared cache), a trial's config from random sample dicts (``TrialSpec.config``),
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from lada_core import metrics as M
 from lada_core.config import SECTIONS, Config, ConfigError, build_config, parameter_names
 from search_spaces import REGISTRY, UnknownSpaceError, get_space
 from sweeps.objective import MetricError, Objective, parse_metric
+
+pytestmark = pytest.mark.unit
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -265,7 +268,10 @@ def test_lada_sweep_inputs_are_accepted_or_one_line(no_ray: Path, capsys: pytest
     line on stderr - never a traceback."""
     from sweeps.cli import main
 
-    argv = ["--storage", str(no_ray / "results"), "--name", "p", "--mlflow-uri", f"sqlite:///{no_ray / 'mlflow.db'}",
+    # one folder per example (the fixture's folder is shared by all of them): an accepted example may
+    # have written its sweep folder before the stand-in for Ray stopped it
+    here = Path(tempfile.mkdtemp(dir=no_ray))
+    argv = ["--storage", str(here / "results"), "--name", "p", "--mlflow-uri", f"sqlite:///{here / 'mlflow.db'}",
             "--set=data.cache_root=" + str(no_ray / "cache"), "--set=train.device=cpu", "--set=data.device=cpu"]
     argv += [f"--set={item}" for item in sets]
     if metric is not None:
@@ -290,4 +296,4 @@ def test_lada_sweep_inputs_are_accepted_or_one_line(no_ray: Path, capsys: pytest
     lines = [line for line in err.splitlines() if line.startswith("lada-sweep: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     _one_line(Exception(lines[0][len("lada-sweep: error: "):]))
-    assert not (no_ray / "results" / "p").exists(), "nothing written for bad input"
+    assert not (here / "results" / "p").exists(), "nothing written for bad input"

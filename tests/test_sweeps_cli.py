@@ -109,7 +109,7 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert not re.search(r"default[^()]*\)\s*\(default", flat), "each default said once per flag"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_resource_request_no_node_can_satisfy(dirs: SweepDirs) -> None:
     """A real local Ray with 1 CPU: a 4-CPU trial is an error before the sweep starts, not a trial
     pending forever."""

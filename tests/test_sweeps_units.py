@@ -204,6 +204,7 @@ print(study._study_id)
 """
 
 
+@pytest.mark.integration
 def test_a_new_study_database_opened_by_many_processes_at_the_same_instant(tmp_path: Path) -> None:
     """Real processes: four open each of three new sqlite study databases at the same instant (a
     sweep creating its study while ``lada-sweep-report`` or a notebook opens it). Plain
@@ -235,6 +236,7 @@ print(get_or_create_experiment(client, "lada-sweeps", uri))
 """
 
 
+@pytest.mark.integration
 def test_sweeps_started_together_share_a_new_sqlite_mlflow_store(tmp_path: Path) -> None:
     """Three processes open the same new sqlite MLflow store and its experiment at the same moment
     (two sweeps started together in one folder). Without the lock MLflow's table migrations collide
@@ -759,6 +761,7 @@ def _run_trial(monkeypatch: pytest.MonkeyPatch, fake: _FakeTune, spec: TrialSpec
     return [r[M.TASK_INDEX] for r, _ in fake.reports]
 
 
+@pytest.mark.integration
 def test_a_restored_trial_reports_each_task_once(mini_cache: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A trial restored from a task's checkpoint (its worker or node lost, a driver restart) reports
     only the tasks after it, with the uninterrupted trial's results; one restored from its last task's
@@ -767,7 +770,7 @@ def test_a_restored_trial_reports_each_task_once(mini_cache: Any, tmp_path: Path
     from ray import tune
 
     cfg, info, _ = mini_cache
-    spec = TrialSpec(base_config=cfg.to_dict(), cache_path=str(info.path), work_root=str(tmp_path / "work"))
+    spec = TrialSpec(base_config=cfg.to_dict(), overrides=("optim.epochs=1",), cache_path=str(info.path), work_root=str(tmp_path / "work"))
     fake = _FakeTune(tmp_path)
     assert _run_trial(monkeypatch, fake, spec) == list(range(7))
     whole = list(fake.reports)
@@ -782,6 +785,7 @@ def test_a_restored_trial_reports_each_task_once(mini_cache: Any, tmp_path: Path
     assert _run_trial(monkeypatch, fake, spec) == []
 
 
+@pytest.mark.integration
 def test_a_restored_trial_replays_the_steps_it_finds_stored(mini_cache: Any, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Tune took a trial's results up to task 5 but the worker was lost before Tune fetched the
@@ -798,7 +802,7 @@ def test_a_restored_trial_replays_the_steps_it_finds_stored(mini_cache: Any, tmp
 
     cfg, info, _ = mini_cache
     results = tmp_path / "results"
-    spec = TrialSpec(base_config=cfg.to_dict(), cache_path=str(info.path), work_root=str(tmp_path / "work"),
+    spec = TrialSpec(base_config=cfg.to_dict(), overrides=("optim.epochs=1",), cache_path=str(info.path), work_root=str(tmp_path / "work"),
                      results_dir=str(results))
     fake = _FakeTune(tmp_path)
     assert _run_trial(monkeypatch, fake, replace(spec, results_dir=None)) == list(range(7))
@@ -853,6 +857,7 @@ def test_searcher_pickles_and_its_copy_continues_the_study(tmp_path: Path) -> No
     assert t.state == TrialState.COMPLETE and t.intermediate_values == {0: 50.0, 1: 51.0} and t.value == 51.0
 
 
+@pytest.mark.integration
 def test_fault_seams_fire_as_planned_and_log_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """sweeps.faults: nothing without a plan; ``nth`` fires on that call only; ``once`` fires once
     across processes (its marker holds the pid); ``exit`` ends the process with that code."""

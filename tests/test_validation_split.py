@@ -14,6 +14,8 @@ from lada_core.benchmarks import DataError, benchmark_for, get_benchmark
 from lada_core.benchmarks.base import Subset, cap_per_class, hold_out_indices
 from lada_core.config import build_config
 
+pytestmark = pytest.mark.unit
+
 
 def _base_indices(src: object) -> np.ndarray:
     assert isinstance(src, Subset)

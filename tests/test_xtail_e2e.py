@@ -17,6 +17,8 @@ from lada_core.benchmarks.xtail import ORDER_I
 from lada_core.cli import cache_main, train_main
 from lada_core.features import bundle_splits, load_bundle
 
+pytestmark = pytest.mark.e2e
+
 C, TRAIN, TEST = 2, 2, 1
 N_CLASSES = sum(num_classes(d, C) for d in ORDER_I)  # MNIST and EuroSAT keep their ten classes
 

@@ -28,6 +28,8 @@ from lada_core.benchmarks.xtail import (
     xtail_tasks,
 )
 
+pytestmark = pytest.mark.unit
+
 C, TRAIN, TEST = 3, 3, 2
 
 
