@@ -141,7 +141,7 @@ class TrialRecord:
     rows: list[dict[str, Any]]  # every row Ray wrote, as written (replays included)
     config: dict[str, Any]
     checkpoint: Path | None = None  # the newest checkpoint folder
-    error: str | None = None  # the last line of error.txt
+    error: str | None = None  # the last line of error.txt, if the trial ended in error (not a failure Tune retried)
     steps: list[dict[str, Any]] = field(default_factory=list)  # task steps, each once
 
     @property
@@ -156,6 +156,8 @@ def read_results(folder: str | Path) -> dict[str, TrialRecord]:
 
     out: dict[str, TrialRecord] = {}
     root = Path(folder)
+    # Ray keeps a retried trial's error.txt: its status in the experiment state says whether it ended so
+    statuses = ray_compat.saved_tune_trials(root) if root.is_dir() else None
     for d in sorted(root.iterdir()) if root.is_dir() else []:
         if not d.is_dir() or not (d / "params.json").is_file() and not (d / RESULT_FILE).is_file():
             continue
@@ -168,7 +170,10 @@ def read_results(folder: str | Path) -> dict[str, TrialRecord]:
         except (OSError, json.JSONDecodeError):
             config = rows[-1].get("config", {}) if rows else {}
         ckpts = sorted((p for p in d.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
-        out[str(tid)] = TrialRecord(str(tid), d, rows, config, ckpts[-1] if ckpts else None, _last_error_line(d), task_steps(rows))
+        error = _last_error_line(d)
+        if statuses is not None and statuses.get(str(tid), "ERROR") != "ERROR":
+            error = None  # the failure was retried and the trial went on
+        out[str(tid)] = TrialRecord(str(tid), d, rows, config, ckpts[-1] if ckpts else None, error, task_steps(rows))
     return out
 
 

@@ -1,6 +1,9 @@
 """Integration layer: an in-process local Ray and a real ``Tuner`` with the real searcher, MLflow
-tracker and storage guard, driven by a toy trainable that reports seven "tasks" in
-milliseconds and can be told (by its sampled ``x``) to diverge or raise at a given step."""
+tracker, storage guard and restore path (``Tuner.restore`` after ``sweeps.recovery``), driven by toy
+trainables that report seven "tasks" in milliseconds and can be told (by their sampled ``x``) to
+diverge, raise, lose their worker process or meet a full disk at a given step. Each fault scenario of
+``tests/test_faults.py`` has its bookkeeping checked here, in seconds; the fault layer keeps one real
+end-to-end run per fault."""
 
 from __future__ import annotations
 
@@ -116,3 +119,162 @@ def test_a_sweep_records_every_step_once_and_each_outcome_by_the_one_rule(local_
         tags[run.data.tags[TRIAL_ID_TAG]] = run.data.tags[OUTCOME_TAG]
     assert sorted(tags.values()) == sorted([R.COMPLETED, R.COMPLETED, R.DIVERGED_OUTCOME, R.FAILED])
     assert tracker.unsent() == (0, 0)
+
+
+# -- a worker process lost mid-trial; a full disk, then a restored sweep ------------------------------------
+DIE, FULL = 0.33, 0.66  # points whose first attempt loses its worker after task 3 / meets a full disk after task 2
+
+
+def checkpointed_trainable(config: dict[str, Any], marks: str) -> None:
+    """Seven tasks, a checkpoint (the task index) with each report, resumed after the restored one.
+    ``x == DIE``: the worker process dies (``os._exit``) after reporting task 3, once; ``x == FULL``:
+    task 3 meets a full disk (reported as the real trainable does, then the trial waits to be
+    stopped), once. ``marks``: a folder where each fault leaves a file when it fires."""
+    import json
+    import tempfile
+    import time
+
+    from ray import tune
+
+    x = float(config["x"])
+    start = 0
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = json.loads((Path(d) / "task.json").read_text())["task"] + 1
+    for k in range(start, TASKS):
+        value = 10.0 * (k + 1) * x
+        result = {M.TASK_INDEX: k, R.TASKS_DONE: k + 1, R.NUM_TASKS: TASKS, OBJECTIVE: value, "val/acc/a": value}
+        fired = Path(marks) / f"{x}"
+        if x == FULL and k == 3 and not fired.exists():
+            fired.write_text("full")
+            tune.report({**result, OBJECTIVE: math.nan, R.STORAGE_ERROR: "No space left on device: '/x'", R.ERROR: "disk full"})
+            time.sleep(60)  # the guard stops the sweep meanwhile
+            return
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "task.json").write_text(json.dumps({"task": k}))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+        if x == DIE and k == 3 and not fired.exists():
+            fired.write_text("died")
+            os._exit(1)
+
+
+class _Sweep:
+    """A sweep's stores and Tune's configs, as ``sweeps.runner`` assembles them (the toy trainable
+    in place of ``lada_trainable``)."""
+
+    def __init__(self, tmp_path: Path, points: list[dict[str, float]], num_samples: int) -> None:
+        import optuna
+
+        from sweeps.search import LadaSearcher
+        from sweeps.storage import StorageGuard
+        from sweeps.tracking import MlflowTracker, get_or_create_experiment, open_client
+
+        self.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        self.client = open_client(self.uri)
+        self.exp = get_or_create_experiment(self.client, "integration", self.uri)
+        self.parent = self.client.create_run(self.exp, run_name="s").info.run_id
+        self.storage = tmp_path / "results"
+        self.folder = self.storage / "s"
+        self.marks = tmp_path / "marks"
+        self.marks.mkdir()
+        self.study_url = f"sqlite:///{tmp_path / 'optuna.db'}"
+        self.searcher = LadaSearcher(_space, metric=OBJECTIVE, mode="max", points_to_evaluate=points, study_name="s",
+                                     storage=self.study_url, sampler=optuna.samplers.TPESampler(seed=0), num_samples=num_samples)
+        self.tracker = MlflowTracker(self.uri, self.exp, self.parent, sweep_name="s", log_checkpoint=False)
+        self.guard = StorageGuard(str(self.folder))
+        self.num_samples = num_samples
+
+    def trainable(self) -> Any:
+        from ray import tune
+
+        return tune.with_resources(tune.with_parameters(checkpointed_trainable, marks=str(self.marks)), {"cpu": 1})
+
+    def tuner(self) -> Any:
+        from ray import tune
+
+        return tune.Tuner(
+            self.trainable(),
+            tune_config=tune.TuneConfig(search_alg=self.searcher, metric=OBJECTIVE, mode="max", num_samples=self.num_samples,
+                                        max_concurrent_trials=2),
+            run_config=tune.RunConfig(name="s", storage_path=str(self.storage), verbose=0, callbacks=[self.tracker, self.guard],
+                                      stop=self.guard, failure_config=tune.FailureConfig(max_failures=1)),
+        )
+
+    def fired(self) -> dict[float, str]:
+        return {float(p.name): p.read_text() for p in self.marks.iterdir()}
+
+    def check_every_step_once(self, trials: int) -> None:
+        """Each reader of the sweep - the study, the results reader, MLflow - holds every task of every
+        trial once; every trial COMPLETE, its MLflow run FINISHED and the only one of its trial."""
+        import optuna
+        from optuna.trial import TrialState
+
+        from sweeps.tracking import PARENT_TAG, TRIAL_ID_TAG
+
+        study = optuna.load_study(study_name="s", storage=self.study_url).get_trials()
+        assert len(study) == trials and all(t.state == TrialState.COMPLETE for t in study), [t.state for t in study]
+        assert all(sorted(t.intermediate_values) == list(range(TASKS)) for t in study)
+        recs = R.read_results(self.folder)
+        assert len(recs) == trials
+        for rec in recs.values():
+            assert [st[M.TASK_INDEX] for st in rec.steps] == list(range(TASKS))
+            assert R.classify(rec.last, error=rec.error is not None) == R.COMPLETED
+        runs = self.client.search_runs([self.exp], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent}'")
+        assert sorted(r.data.tags[TRIAL_ID_TAG] for r in runs) == sorted(recs), "one MLflow run per trial"
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            steps = [m.step for m in self.client.get_metric_history(run.info.run_id, M.TASK_INDEX)]
+            assert sorted(steps) == list(range(TASKS)), steps
+
+
+def test_a_lost_worker_process_resumes_its_trial_from_the_last_task(local_ray: None, tmp_path: Path) -> None:
+    """The worker of one trial dies after its fourth task (the OOM killer, a SIGKILL): Tune retries it
+    from that task's checkpoint; the trial keeps its one study trial and its one MLflow run, tasks
+    0-3 are not run again, and every reader has every step once."""
+    sweep = _Sweep(tmp_path, [{"x": DIE}], num_samples=2)
+    grid = sweep.tuner().fit()
+    assert sweep.fired() == {DIE: "died"}, "the worker died"
+    assert len(grid) == 2 and not grid.errors
+    rows = R.read_results(sweep.folder)
+    (died,) = [rec for rec in rows.values() if round(float(rec.config["x"]), 2) == DIE]
+    assert [r[M.TASK_INDEX] for r in died.rows] == list(range(TASKS)), "tasks 0-3 reported once: the retry began at task 4"
+    sweep.check_every_step_once(trials=2)
+    assert sweep.tracker.unsent() == (0, 0)
+
+
+def test_a_full_disk_stops_the_sweep_and_the_restored_sweep_finishes_it(local_ray: None, tmp_path: Path) -> None:
+    """A trial meets a full disk after three tasks: the storage guard stops the sweep (as Ctrl+C
+    would, nothing marked finished), then the sweep is restored (``sweeps.recovery`` tells the
+    restored searcher what Tune restores) and finishes: the study, the results and MLflow hold every
+    step of every trial once."""
+    from ray import tune
+
+    from sweeps.recovery import expect_tune_trials, saved_tune_trials
+
+    sweep = _Sweep(tmp_path, [{"x": FULL}], num_samples=3)
+    sweep.guard.install_filters()
+    try:
+        sweep.tuner().fit()
+    finally:
+        sweep.guard.remove_filters()
+    assert sweep.fired() == {FULL: "full"} and sweep.guard.tripped, "the disk was full and the guard tripped"
+    assert "No space left on device" in (sweep.guard.message or "")
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = optuna.load_study(study_name="s", storage=sweep.study_url).get_trials()
+    stopped = [t for t in trials if t.params["x"] == FULL]
+    assert stopped and stopped[0].state == TrialState.RUNNING, "the stopped trial is not ended"
+    assert all(t.state in (TrialState.RUNNING, TrialState.COMPLETE) for t in trials), [t.state for t in trials]
+
+    saved = saved_tune_trials(sweep.folder)
+    assert saved and any(st != "TERMINATED" for st in saved.values()), saved
+    expect_tune_trials(saved)
+    try:
+        restored = tune.Tuner.restore(str(sweep.folder), sweep.trainable(), resume_unfinished=True, resume_errored=True)
+        grid = restored.fit()
+    finally:
+        expect_tune_trials(None)
+    assert len(grid) == 3 and not grid.errors
+    sweep.check_every_step_once(trials=3)
