@@ -1,6 +1,7 @@
 """End to end, CPU only, real components: ``lada-sweep`` processes on a local Ray (a two-node
 cluster of real ``ray start`` processes: tests/test_faults.py, node loss), a sqlite MLflow store and an Optuna storage, read back
-through their own clients. Every sweep has a time budget."""
+through their own clients. Every sweep has a time budget. Layer ``e2e``, but for the driver kill
+(``fault``: one of the real kills, with tests/test_faults.py)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,6 @@ from xtail_fixture import make_xtail_tree, remove_test_images
 
 from lada_core import metrics as M
 from sweeps.trainable import REPLAYED, TASK_SECONDS
-
-pytestmark = pytest.mark.e2e
 
 BUDGET = ["--time-budget-s", "400"]
 
@@ -70,6 +69,7 @@ def _mlflow_checks(dirs: SweepDirs, name: str, expect_finished: int, peek: bool 
     return runs
 
 
+@pytest.mark.e2e
 def test_smoke_sweep_end_to_end(dirs: SweepDirs, tmp_path: Path) -> None:
     """lada_smoke on mini-tail, local Ray: trials, one MLflow child run per trial under the parent,
     one metric point per task step, the matrix artifacts, the best config exported. Fashion-MNIST is
@@ -189,6 +189,7 @@ def _parent_views_checks(dirs: SweepDirs, st: dict, s: dict) -> None:
     assert sum(1 for t, _ in parsed.tags if t == "table") == 2 and s["best"]["trial_id"] in parsed.cells
 
 
+@pytest.mark.e2e
 def test_sweep_finishes_with_every_test_image_deleted(dirs: SweepDirs, tmp_path: Path) -> None:
     """The tuning phase never opens a test image (Cha & Cho, TMLR 2025): a sweep on an X-TAIL tree
     whose test images and MNIST t10k files are all deleted finishes; its trials are scored on the
@@ -213,6 +214,7 @@ def test_sweep_finishes_with_every_test_image_deleted(dirs: SweepDirs, tmp_path:
     assert [json.loads((f / "manifest.json").read_text())["split"] for f in splits.values()] == list(splits)
 
 
+@pytest.mark.e2e
 def test_peek_test_adds_test_metrics_and_says_so(dirs: SweepDirs, tmp_path: Path) -> None:
     """--peek-test: the trial runs also hold test/... metrics at every step; the trials are still scored
     on val/... (the objective equals val/average), and the summary says in words that the best was
@@ -237,6 +239,7 @@ def test_peek_test_adds_test_metrics_and_says_so(dirs: SweepDirs, tmp_path: Path
     assert "test data in view" in parent.data.tags["lada.selection"]
 
 
+@pytest.mark.e2e
 def test_asha_stops_weak_trials_between_tasks(dirs: SweepDirs) -> None:
     """One trial at a time, keep the best half at each rung: the later, weaker trials stop after a
     task and are told to Optuna as PRUNED; their MLflow runs say so and hold only the steps run."""
@@ -267,6 +270,7 @@ def _poll(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.fault
 def test_resume_after_the_driver_is_killed(dirs: SweepDirs) -> None:
     """Kill the driver (and the local Ray it started) mid-sweep, then --resume: the sweep finishes
     with the requested trials; Optuna, Ray's results and MLflow agree; nothing ran or logged twice."""
@@ -345,6 +349,7 @@ def _dp_config(cache_root: Path):
     return build_config(sample=base)
 
 
+@pytest.mark.integration  # spawned ranks of one process, no command
 def test_data_parallel_gloo_matches_one_process(tmp_path: Path, shared_cache_root: Path) -> None:
     """Two gloo ranks on CPU, each with half of every batch and gradients summed: the same accuracy
     matrix and the same learned state as one process, up to float tolerance."""
@@ -364,6 +369,7 @@ def test_data_parallel_gloo_matches_one_process(tmp_path: Path, shared_cache_roo
         torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.e2e
 def test_multi_gpu_trial_placement_with_logical_gpus(dirs: SweepDirs) -> None:
     """--gpus-per-trial 2 on a local Ray with two logical GPUs: the trial gets both, runs two
     data-parallel ranks (gloo here, NCCL on real GPUs) and ends with the one-process result."""
