@@ -53,7 +53,7 @@ from lada_core.backbone import OFFLINE_TAG  # noqa: F401  (re-exported: the tag 
 
 MODEL = "lada-mini"
 ENV_DIR = "LADA_MODEL_DIR"
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 COVERED = ("fashion", "shapes")
 """The mini-tail domains whose classes the mini CLIP is pretrained on (other images of the same kind,
 each with its class caption). The other domains are pretrained on at the level of the domain only."""
@@ -79,13 +79,16 @@ class Recipe:
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 40
-    fashion_images: int = 6000  # drawn (seeded) from the Fashion-MNIST images mini-tail leaves out
+    fashion_images: int = 3000  # drawn (seeded) from the Fashion-MNIST images mini-tail leaves out
     rendered_per_class: int = 500  # rendered domains, from the "pretrain" stream (never a mini-tail image)
-    domain_only_per_class: int = 200  # images per class name of a domain-only domain
+    domain_only_per_class: int = 300  # images per class name of a domain-only domain
     covered: tuple[str, ...] = COVERED
     domain_only: tuple[str, ...] = DOMAIN_ONLY
     templates: tuple[str, ...] = TEMPLATES
     shift: int = 2  # augmentation: random translation by up to this many pixels, and horizontal flips
+    anonymous_weight: float = 0.8  # share of a domain-only image's target on its anonymous class caption
+    anonymous_name: str = "{domain} kind {k}"  # the anonymous class captions' name (k = 1, 2, ...)
+    threads: int = 1  # torch threads while pretraining (the bytes depend on it; tiny ops gain nothing from more)
     version: int = RECIPE_VERSION
 
     def key(self) -> str:
@@ -226,17 +229,34 @@ class PretrainData:
     class_names: list[str]  # every mini-tail class name
     domain_of_class: np.ndarray  # [C] int64
     covered: list[int] = field(default_factory=list)  # indices of the class names learned with their images
+    anonymous: np.ndarray | None = None  # [N] int64, index into anonymous_names; -1 for a covered image
+    anonymous_names: list[str] = field(default_factory=list)  # "greek kind 3": a class without its name
+    anonymous_weight: float = 0.0
+
+    def captions(self) -> list[str]:
+        """The names the captions are made of: every mini-tail class name, then the anonymous ones."""
+        return [*self.class_names, *self.anonymous_names]
 
     def targets(self) -> torch.Tensor:
-        """[N, C] target distribution of every image: one-hot on its class, or uniform over the class
-        names of its domain (domain-only images)."""
+        """[N, C + A] target distribution of every image over :meth:`captions`: one-hot on its class
+        (covered images); for a domain-only image, ``1 - anonymous_weight`` spread evenly over the
+        class names of its domain and ``anonymous_weight`` on its anonymous class caption."""
         c = len(self.class_names)
+        n = len(self.labels)
         same = torch.from_numpy(self.domain_of_class[None, :] == self.domains[:, None]).float()  # [N, C]
         uniform = same / same.sum(1, keepdim=True)
-        onehot = torch.zeros(len(self.labels), c)
+        onehot = torch.zeros(n, c)
         known = torch.from_numpy(self.labels >= 0)
         onehot[known, torch.from_numpy(self.labels[self.labels >= 0])] = 1.0
-        return torch.where(known[:, None], onehot, uniform)
+        real = torch.where(known[:, None], onehot, uniform)
+        if not self.anonymous_names:
+            return real
+        anon = torch.zeros(n, len(self.anonymous_names))
+        idx = torch.from_numpy(self.anonymous if self.anonymous is not None else np.full(n, -1))
+        has = idx >= 0
+        anon[has, idx[has]] = 1.0
+        w = self.anonymous_weight * has.float()[:, None]
+        return torch.cat([real * (1 - w), anon * w], dim=1)
 
 
 def pretrain_data(recipe: Recipe, size: int = 32) -> PretrainData:
@@ -258,6 +278,8 @@ def pretrain_data(recipe: Recipe, size: int = 32) -> PretrainData:
     images: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     domains: list[np.ndarray] = []
+    anonymous: list[np.ndarray] = []
+    anonymous_names: list[str] = []
     covered: list[int] = []
     for domain in recipe.domain_only:
         if domain not in RENDERERS:
@@ -267,6 +289,9 @@ def pretrain_data(recipe: Recipe, size: int = 32) -> PretrainData:
         images.append(RenderedImages(domain, "pretrain", recipe.seed, y).pixels())
         labels.append(np.full(len(y), -1, dtype=np.int64))
         domains.append(np.full(len(y), order.index(domain), dtype=np.int64))
+        anonymous.append(np.asarray(y, dtype=np.int64) + len(anonymous_names) if recipe.anonymous_weight > 0 else np.full(len(y), -1, dtype=np.int64))
+        if recipe.anonymous_weight > 0:
+            anonymous_names += [recipe.anonymous_name.format(domain=domain, k=k + 1) for k in range(n_cls)]
     for domain in recipe.covered:
         if domain == "fashion":
             raw = load_fashion_mnist(splits=("train",))  # never the test file
@@ -284,9 +309,14 @@ def pretrain_data(recipe: Recipe, size: int = 32) -> PretrainData:
         images.append(px)
         labels.append(np.asarray(y, dtype=np.int64) + offsets[domain])
         domains.append(np.full(len(y), order.index(domain), dtype=np.int64))
+        anonymous.append(np.full(len(y), -1, dtype=np.int64))
         covered += list(range(offsets[domain], offsets[domain] + len(DOMAINS[domain])))
+    clash = set(anonymous_names) & set(names)
+    if clash:
+        raise PretrainError(f"anonymous class names {sorted(clash)} are mini-tail class names")
     return PretrainData(
-        np.concatenate(images), np.concatenate(labels), np.concatenate(domains), names, np.array(domain_of_class), sorted(covered)
+        np.concatenate(images), np.concatenate(labels), np.concatenate(domains), names, np.array(domain_of_class), sorted(covered),
+        np.concatenate(anonymous), anonymous_names, recipe.anonymous_weight,
     )
 
 
@@ -324,7 +354,10 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
 
     from lada_core.backbone import load_backbone
 
-    with torch.random.fork_rng(devices=[]):
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as undo:
+        torch.set_num_threads(recipe.threads)
+        undo.callback(torch.set_num_threads, threads)
         torch.manual_seed(recipe.seed)
         bb = load_backbone(recipe.model, None)
         model = bb.model
@@ -333,7 +366,7 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
         model.train()
         data = pretrain_data(recipe, bb.image_size)
         mean, std = _normalizer(bb)
-        tokens = torch.stack([bb.tokenizer([t.format(c) for c in data.class_names]) for t in recipe.templates])  # [T, C, ctx]
+        tokens = torch.stack([bb.tokenizer([t.format(c) for c in data.captions()]) for t in recipe.templates])  # [T, C + A, ctx]
         images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W] uint8
         targets = data.targets()  # [N, C]
         gen = torch.Generator().manual_seed(recipe.seed)

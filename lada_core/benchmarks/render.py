@@ -23,7 +23,7 @@ import numpy as np
 
 from lada_core.benchmarks.base import DataError
 
-RENDER_VERSION = 2
+RENDER_VERSION = 3
 SIZE = 32  # output side (pixels)
 _SS = 4  # supersampling factor of the vector drawings
 
@@ -60,6 +60,14 @@ def _grey_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         fg = rng.uniform(0, 255, 3)
         if abs(bg.mean() - fg.mean()) > 70:
             return bg, fg
+
+
+def _ink_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paper and ink: a light, lightly tinted background and a dark, lightly tinted foreground (a
+    drawing or a print, not a colour puzzle: the class is in the outline, not in the colours)."""
+    bg = rng.uniform(170, 255) + rng.uniform(-25, 25, 3)
+    fg = rng.uniform(0, 90) + rng.uniform(-25, 25, 3)
+    return np.clip(bg, 0, 255), np.clip(fg, 0, 255)
 
 
 def _finish(img: Any, rng: np.random.Generator, noise: float = 8.0) -> np.ndarray:
@@ -126,8 +134,8 @@ def _shape_canvas(rng: np.random.Generator, kind: str, fill: np.ndarray, bg: np.
 
 
 def render_shape(label: int, rng: np.random.Generator) -> np.ndarray:
-    """One shape of class ``SHAPES[label]``: random size, place, rotation and colours."""
-    bg, fg = _grey_pair(rng)
+    """One shape of class ``SHAPES[label]``: random size, place and rotation, dark on light."""
+    bg, fg = _ink_pair(rng)
     return _shape_canvas(rng, SHAPES[label], fg, bg)
 
 
@@ -216,20 +224,21 @@ def _render_glyph(text: str, fonts: tuple[Path, ...], rng: np.random.Generator, 
     from PIL import Image, ImageDraw
 
     big = SIZE * _SS
-    bg, fg = _grey_pair(rng)
+    bg, fg = _ink_pair(rng)
     glyph = Image.new("L", (big, big), 0)
     font = _font(fonts[int(rng.integers(len(fonts)))], int(rng.uniform(*scale) * big))
     draw = ImageDraw.Draw(glyph)
     draw.text((big / 2, big / 2), text, fill=255, font=font, anchor="mm")
-    glyph = glyph.rotate(rng.uniform(-20, 20), resample=Image.Resampling.BILINEAR, translate=tuple(rng.uniform(-0.1, 0.1, 2) * big))
+    glyph = glyph.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BILINEAR, translate=tuple(rng.uniform(-0.06, 0.06, 2) * big))
     mask = np.asarray(glyph, dtype=np.float32)[..., None] / 255.0  # [big, big, 1]
     arr = bg * (1 - mask) + fg * mask
     return _finish(Image.fromarray(arr.astype(np.uint8)), rng)
 
 
 def render_greek(label: int, rng: np.random.Generator) -> np.ndarray:
-    """The lower-case Greek letter ``GREEK[label]`` in a random DejaVu face, size, angle and place."""
-    return _render_glyph(_GREEK_GLYPHS[label], font_paths(), rng, (0.55, 0.8))
+    """The lower-case Greek letter ``GREEK[label]`` in a random upright DejaVu face, size, angle and place."""
+    fonts = tuple(p for p in font_paths() if p.stem.split("-")[0] in ("DejaVuSans", "DejaVuSerif") and "Oblique" not in p.name and "Italic" not in p.name)
+    return _render_glyph(_GREEK_GLYPHS[label], fonts or font_paths(), rng, (0.7, 0.9))
 
 
 def render_digit(label: int, rng: np.random.Generator) -> np.ndarray:
@@ -245,7 +254,7 @@ def render_digit(label: int, rng: np.random.Generator) -> np.ndarray:
 def render_chess(label: int, rng: np.random.Generator) -> np.ndarray:
     """The chess piece ``CHESS[label]`` (outlined or solid) in a DejaVu Sans face."""
     fonts = tuple(p for p in font_paths() if "Sans" in p.name) or font_paths()
-    return _render_glyph(_CHESS_GLYPHS[label][int(rng.integers(2))], fonts, rng, (0.6, 0.85))
+    return _render_glyph(_CHESS_GLYPHS[label][int(rng.integers(2))], fonts, rng, (0.7, 0.9))
 
 
 RENDERERS: dict[str, tuple[list[str], Callable[[int, np.random.Generator], np.ndarray]]] = {
