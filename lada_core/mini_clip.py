@@ -86,6 +86,7 @@ class Recipe:
     domain_only: tuple[str, ...] = DOMAIN_ONLY
     templates: tuple[str, ...] = TEMPLATES
     shift: int = 2  # augmentation: random translation by up to this many pixels, and horizontal flips
+    named_stride: int = 2  # of a covered domain, classes 0, stride, 2 * stride, ... are learned by name
     anonymous_weight: float = 0.8  # share of a domain-only image's target on its anonymous class caption
     anonymous_name: str = "{domain} kind {k}"  # the anonymous class captions' name (k = 1, 2, ...)
     threads: int = 1  # torch threads while pretraining (the bytes depend on it; tiny ops gain nothing from more)
@@ -306,11 +307,19 @@ def pretrain_data(recipe: Recipe, size: int = 32) -> PretrainData:
             px = RenderedImages(domain, "pretrain", recipe.seed, y).pixels()
         else:
             raise PretrainError(f"recipe covers {domain!r}, which has no pretraining images (fashion or a rendered domain)")
+        n_cls = len(DOMAINS[domain])
+        y = np.asarray(y, dtype=np.int64)
+        named = np.arange(n_cls) % recipe.named_stride == 0  # classes 0, stride, 2 * stride, ... by name
         images.append(px)
-        labels.append(np.asarray(y, dtype=np.int64) + offsets[domain])
+        labels.append(np.where(named[y], y + offsets[domain], -1))
         domains.append(np.full(len(y), order.index(domain), dtype=np.int64))
-        anonymous.append(np.full(len(y), -1, dtype=np.int64))
-        covered += list(range(offsets[domain], offsets[domain] + len(DOMAINS[domain])))
+        anon_of = np.full(n_cls, -1, dtype=np.int64)  # the unnamed classes: like a domain-only domain
+        if recipe.anonymous_weight > 0:
+            for k in np.flatnonzero(~named):
+                anon_of[k] = len(anonymous_names)
+                anonymous_names.append(recipe.anonymous_name.format(domain=domain, k=int(k) + 1))
+        anonymous.append(anon_of[y])
+        covered += [offsets[domain] + int(k) for k in np.flatnonzero(named)]
     clash = set(anonymous_names) & set(names)
     if clash:
         raise PretrainError(f"anonymous class names {sorted(clash)} are mini-tail class names")
