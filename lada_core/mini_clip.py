@@ -74,11 +74,11 @@ class Recipe:
 
     model: str = MODEL
     seed: int = 0
-    steps: int = 600
-    batch_size: int = 128
+    steps: int = 1200
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 40
+    warmup_steps: int = 80
     fashion_images: int = 3000  # drawn (seeded) from the Fashion-MNIST images mini-tail leaves out
     rendered_per_class: int = 500  # rendered domains, from the "pretrain" stream (never a mini-tail image)
     domain_only_per_class: int = 300  # images per class name of a domain-only domain
