@@ -86,7 +86,7 @@ class Recipe:
     domain_only: tuple[str, ...] = DOMAIN_ONLY
     templates: tuple[str, ...] = TEMPLATES
     shift: int = 2  # augmentation: random translation by up to this many pixels, and horizontal flips
-    named_stride: int = 2  # of a covered domain, classes 0, stride, 2 * stride, ... are learned by name
+    named_stride: int = 3  # of a covered domain, classes 0, stride, 2 * stride, ... are learned by name
     anonymous_weight: float = 0.8  # share of a domain-only image's target on its anonymous class caption
     anonymous_name: str = "{domain} kind {k}"  # the anonymous class captions' name (k = 1, 2, ...)
     threads: int = 1  # torch threads while pretraining (the bytes depend on it; tiny ops gain nothing from more)

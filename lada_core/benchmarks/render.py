@@ -242,13 +242,25 @@ def render_greek(label: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_digit(label: int, rng: np.random.Generator) -> np.ndarray:
-    """The digit ``label`` drawn in a DejaVu face, then reduced to 8 x 8 and enlarged again, like
-    scikit-learn's digits (for the mini CLIP's pretraining only: mini-tail uses the real digits)."""
-    from PIL import Image
+    """The digit ``label`` drawn like scikit-learn's digits: a thick light stroke on black (a DejaVu
+    face with a random stroke width, stretched to fill a tall box, slanted), reduced to 8 x 8 with 17 grey levels,
+    then enlarged again (for the mini CLIP's pretraining only: mini-tail uses the real digits)."""
+    from PIL import Image, ImageDraw
 
-    img = Image.fromarray(_render_glyph(str(label), font_paths(), rng, (0.7, 0.95))).convert("L")
-    small = img.resize((8, 8), Image.Resampling.BOX).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-    return np.asarray(small.convert("RGB"))
+    big = SIZE * _SS
+    glyph = Image.new("L", (big, big), 0)
+    font = _font(font_paths()[int(rng.integers(len(font_paths())))], int(rng.uniform(0.8, 1.0) * big))
+    ImageDraw.Draw(glyph).text((big / 2, big / 2), str(label), fill=255, font=font, anchor="mm",
+                               stroke_width=int(rng.uniform(0.02, 0.07) * big), stroke_fill=255)
+    box = glyph.getbbox() or (0, 0, big, big)
+    w, h = int(rng.uniform(0.45, 0.75) * big), int(rng.uniform(0.85, 1.0) * big)  # tall, as handwritten in a box
+    canvas = Image.new("L", (big, big), 0)
+    canvas.paste(glyph.crop(box).resize((w, h), Image.Resampling.BILINEAR), ((big - w) // 2, (big - h) // 2))
+    glyph = canvas.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR, translate=tuple(rng.uniform(-0.05, 0.05, 2) * big))
+    small = np.asarray(glyph.resize((8, 8), Image.Resampling.BOX), dtype=np.float64)
+    small = np.round(np.clip(small * rng.uniform(0.9, 1.2), 0, 255) * 16 / 255) * (255 / 16)  # scikit-learn's 0..16
+    img = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(img.convert("RGB"))
 
 
 def render_chess(label: int, rng: np.random.Generator) -> np.ndarray:
