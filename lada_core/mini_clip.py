@@ -351,6 +351,24 @@ def _augment(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
 
 
+def _shrink_vocabulary(model: Any, tokens: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+    """Swap ``model``'s token embedding (49408 rows) for one holding only the rows of ``tokens``'
+    ids, in ascending order: returns (the full embedding, the sorted ids), or (it, None) where the
+    text tower does not pool at the largest token id. Training the small one is the same as training
+    the full one (the other rows get no gradient, and the embedding has no weight decay, so AdamW
+    leaves them as they are) at a third less cost per step; the remap keeps the order of the ids, so
+    the argmax that finds the end-of-text token still finds it. Write the rows back after training."""
+    full = getattr(model, "token_embedding", None)
+    if not isinstance(full, torch.nn.Embedding) or getattr(model, "text_pool_type", "argmax") != "argmax":
+        return full, None
+    used = torch.unique(tokens)  # sorted
+    small = torch.nn.Embedding(len(used), full.embedding_dim)
+    with torch.no_grad():
+        small.weight.copy_(full.weight[used])
+    model.token_embedding = small
+    return full, used
+
+
 def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
     """Train ``recipe.model`` from its seeded random init; returns its state dict.
 
@@ -377,6 +395,9 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
         mean, std = _normalizer(bb)
         tokens = torch.stack([bb.tokenizer([t.format(c) for c in data.captions()]) for t in recipe.templates])  # [T, C + A, ctx]
         images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W] uint8
+        full_embedding, used = _shrink_vocabulary(model, tokens)
+        if used is not None:  # train the rows of the captions' tokens only (the others get no gradient)
+            tokens = torch.searchsorted(used, tokens)
         targets = data.targets()  # [N, C]
         gen = torch.Generator().manual_seed(recipe.seed)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -421,6 +442,10 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
             bar.set_postfix(loss=f"{running:.3f}", refresh=False)
             bar.update(1)
         bar.close()
+        if used is not None:
+            with torch.no_grad():
+                full_embedding.weight[used] = model.token_embedding.weight
+            model.token_embedding = full_embedding
         model.eval()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
