@@ -5,7 +5,7 @@ method and of the paper's ablations (text adapter only, + replay, + memory units
     python bench/mini_tail.py --show-matrix --set lada.distill_weight=16
 
 The model is the project's own offline-pretrained mini CLIP (``lada-mini`` + ``lada-offline``,
-pretrained on first use: about three minutes on 2 cores). Its zero-shot accuracy per task (the X-TAIL
+pretrained on first use: about two minutes on 2 cores). Its zero-shot accuracy per task (the X-TAIL
 rule over all 60 class names, before the first task) is printed first; every variant then trains with
 the benchmark's per-task schedule and the paper's hyperparameters.
 """

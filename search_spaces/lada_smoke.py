@@ -1,7 +1,7 @@
 """``lada_smoke``: the offline demo: the three parameters users come for, in a few minutes on 2 CPU cores.
 
 It runs offline on a fresh machine: ``mini-tail`` 16-shot (seven domains, 60 class names) on the
-project's own mini CLIP (``lada-mini`` with ``lada-offline``: pretrained on first use, about three
+project's own mini CLIP (``lada-mini`` with ``lada-offline``: pretrained on first use, about two
 minutes on 2 cores, then kept in the user's cache folder), no augmented views, the benchmark's
 per-task schedule at half length. It searches memory size (lambda1), distillation weight (gamma) and
 Gaussian components (lambda2); the paper's defaults are the first trial. It exists to check an

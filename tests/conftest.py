@@ -74,7 +74,7 @@ def tiny_backbone():
 
 @pytest.fixture(scope="session")
 def mini_clip():
-    """The mini CLIP: pretrained on first use on this machine (about three minutes), then loaded."""
+    """The mini CLIP: pretrained on first use on this machine (about two minutes), then loaded."""
     from lada_core.backbone import load_backbone
 
     return load_backbone("lada-mini", "lada-offline")

@@ -1,6 +1,6 @@
 """mini-tail (seven domains, each with train / val / test made once, seeded, disjoint) and the project's
 own mini CLIP (pretrained offline, deterministic, content-addressed; zero-shot above chance where its
-captions covered the domain; tasks learned on top of it)."""
+captions named some of the domain's classes; tasks learned on top of it)."""
 
 from __future__ import annotations
 
@@ -69,13 +69,26 @@ def test_pretraining_never_sees_mini_tail_images() -> None:
     data = MC.pretrain_data(recipe)
     seen = {hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in data.images}
     bench = get_benchmark("mini-tail", shots=None)
-    covered = [n for d in recipe.covered for n in MT.DOMAINS[d]]
-    assert sorted(data.class_names[i] for i in set(data.labels.tolist()) if i >= 0) == sorted(covered)
+    named = [n for d in recipe.covered for k, n in enumerate(MT.DOMAINS[d]) if k % recipe.named_stride == 0]
+    assert sorted(data.class_names[i] for i in set(data.labels.tolist()) if i >= 0) == sorted(named)
+    assert "T-shirt/top" in named and "trouser" not in named and "circle" in named and "square" not in named
     assert set(recipe.covered) | set(recipe.domain_only) == set(MT.DOMAINS)
-    targets = data.targets()  # domain-only images: every class caption of their domain alike
+    # every class without its name has an anonymous caption, which is no mini-tail class name
+    n_unnamed = sum(len(MT.DOMAINS[d]) for d in MT.DOMAINS) - len(named)
+    assert len(data.anonymous_names) == len(set(data.anonymous_names)) == n_unnamed
+    assert not set(data.anonymous_names) & set(bench.class_names)
+    assert ((data.labels >= 0) != (data.anonymous >= 0)).all()
+    targets = data.targets()  # [N, 60 + anonymous]
+    assert targets.shape == (len(data.labels), 60 + n_unnamed)
     assert torch.allclose(targets.sum(1), torch.ones(len(targets)))
-    shares = {round(1 / len(MT.DOMAINS[d]), 5) for d in recipe.domain_only}
-    assert {round(v, 5) for v in targets[torch.from_numpy(data.labels < 0)].max(1).values.tolist()} <= shares
+    unnamed = torch.from_numpy(data.labels < 0)
+    w = recipe.anonymous_weight
+    # an image of an unnamed class: its anonymous caption, and the class captions of its domain alike
+    assert torch.allclose(targets[unnamed, 60:].max(1).values, torch.full((int(unnamed.sum()),), w))
+    assert torch.allclose(targets[unnamed, :60].sum(1), torch.full((int(unnamed.sum()),), 1 - w))
+    dom = torch.from_numpy(data.domain_of_class)
+    for row, d in zip(targets[unnamed, :60], data.domains[data.labels < 0]):
+        assert torch.allclose(row[dom == int(d)], row[dom == int(d)][0]) and float(row[dom != int(d)].sum()) == 0.0
     for task in bench.tasks:
         if task.name == "digits":  # scikit-learn's digits: the pretraining draws its own digits
             continue
@@ -117,6 +130,21 @@ def test_pretraining_is_deterministic_and_content_addressed(tmp_path: Path) -> N
 
 
 @pytest.mark.integration
+def test_the_shrunk_vocabulary_trains_the_same_weights() -> None:
+    """Pretraining trains only the token-embedding rows its captions use: the same bytes as training
+    all 49408 rows (the others get no gradient and no weight decay), at less cost."""
+    full = MC._shrink_vocabulary
+    a = MC.pretrain(TINY_RECIPE, progress=False)
+    try:
+        MC._shrink_vocabulary = lambda model, tokens: (model.token_embedding, None)  # type: ignore[assignment]
+        b = MC.pretrain(TINY_RECIPE, progress=False)
+    finally:
+        MC._shrink_vocabulary = full  # type: ignore[assignment]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["token_embedding.weight"].shape[0] == 49408
+
+
+@pytest.mark.integration
 def test_a_truncated_weights_file_is_never_used(tmp_path: Path) -> None:
     path = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path, progress=False, log=lambda m: None)
     good = _state(path)
@@ -142,23 +170,26 @@ def test_offline_tag_is_for_the_packaged_mini_model_only() -> None:
 
 @pytest.mark.integration
 def test_mini_clip_zero_shot_above_chance_where_pretrained(mini_clip) -> None:
-    """The X-TAIL rule before the first task (all 60 class names): well above chance on the domains
-    the captions covered, near chance on the others."""
+    """The X-TAIL rule before the first task (all 60 class names): clearly above chance on the domains
+    whose classes the captions partly named, near within-domain chance on the others, and far from
+    solved anywhere."""
     bench = get_benchmark("mini-tail", shots=16)
     zs = MC.zero_shot(mini_clip, bench)
     print("\nzero-shot per task:", {k: round(v, 1) for k, v in zs.items()})
     chance = 100.0 / len(bench.class_names)
     covered = [zs[d] for d in MC.COVERED]
-    others = [v for k, v in zs.items() if k not in MC.COVERED]
-    assert min(covered) > 5 * chance and max(covered) < 95.0, zs  # above chance, not trivially solved
-    assert zs["fashion"] > 50.0, zs
-    assert np.mean(others) < min(covered), zs
+    assert min(covered) > 10 * chance and max(covered) < 60.0, zs  # above chance, not trivially solved
+    for task in bench.tasks:
+        if task.name not in MC.COVERED:
+            assert zs[task.name] < 100.0 / task.num_classes + 10.0, (task.name, zs)  # near within-domain chance
+    assert np.mean([v for k, v in zs.items() if k not in MC.COVERED]) < min(covered), zs
 
 
 @pytest.mark.integration
 def test_a_task_is_learned_on_the_mini_clip(mini_clip_cache, mini_clip, tmp_path: Path) -> None:
     """Two tasks with the benchmark's schedule and the paper's settings (scored over their 18 class
-    names): the first, near chance at zero-shot, is learned; the second keeps its zero-shot level."""
+    names): the first, near chance at zero-shot, is learned; so is the second, whose classes the
+    captions partly named."""
     from lada_core.trainer import run_continual
 
     cfg, bundle = mini_clip_cache
@@ -166,5 +197,5 @@ def test_a_task_is_learned_on_the_mini_clip(mini_clip_cache, mini_clip, tmp_path
     result = run_continual(cfg, two, tmp_path / "run", backbone=mini_clip, log=lambda m: None)
     zs = MC.zero_shot(mini_clip, get_benchmark("mini-tail", shots=16))
     print("\n", result.matrix, zs)
-    assert result.matrix[0, 0] > zs["textures"] + 15.0
-    assert result.matrix[1, 1] > zs["fashion"] - 5.0
+    assert result.matrix[0, 0] > zs["textures"] + 20.0
+    assert result.matrix[1, 1] > zs["fashion"] + 10.0

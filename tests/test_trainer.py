@@ -118,12 +118,12 @@ def test_killed_and_restarted_lada_train_ends_with_same_matrix(mini_cache, tmp_p
 @pytest.mark.integration
 def test_mini_tail_every_task_learned_and_replay_prevents_forgetting(mini_clip_cache, mini_clip, tmp_path: Path) -> None:
     """The method at work on the mini CLIP, with the benchmark's schedule and the paper's settings:
-    tasks are learned above their zero-shot accuracy, forgetting without replay is visible, and the
-    full method ends clearly above the text adapter alone.
+    every task is learned well above its zero-shot accuracy, forgetting without replay is visible
+    (and smaller with it), and the full method ends clearly above the text adapter alone.
 
-    Measured (see bench/mini_tail.py): not every task is learned yet; over all 60 class names the
-    images of a weak domain often go to another domain's names (the mini CLIP separates its domains
-    less well than CLIP), so the bounds here are what the mini CLIP reaches today."""
+    Measured (bench/mini_tail.py): diagonal 49 / 56 / 57 / 52 / 44 / 41 / 99 over zero-shot
+    11 / 29 / 5 / 36 / 9 / 11 / 9; without replay shapes and Greek letters lose 4.5 and 3.4 points;
+    Last 57.6 (full) against 43.9 (text adapter only)."""
     from lada_core.benchmarks import get_benchmark
     from lada_core.mini_clip import zero_shot
 
@@ -142,11 +142,12 @@ def test_mini_tail_every_task_learned_and_replay_prevents_forgetting(mini_clip_c
     print("without replay (adapter + memory units):\n", no_replay.matrix)
     print("summary", no_replay.summary)
     diag = np.diag(full.matrix)
-    assert diag.mean() > zs.mean() + 10.0 and (diag > zs + 10.0).sum() >= 3, (diag, zs)
-    # forgetting without replay: an old task loses accuracy after later tasks are learned
+    assert (diag > zs + 10.0).all() and diag.mean() > zs.mean() + 25.0, (diag, zs)
+    # forgetting without replay: old tasks lose accuracy after later tasks are learned; less with replay
     forgotten = np.diag(no_replay.matrix)[:-1] - no_replay.matrix[-1, :-1]
-    assert forgotten.max() > 5.0, forgotten
-    assert full.summary["last"] > adapter.summary["last"] + 5.0, (full.summary, adapter.summary)
+    kept = (np.diag(full.matrix)[:-1] - full.matrix[-1, :-1]).clip(min=0)
+    assert forgotten.max() > 3.0 and forgotten.sum() > kept.sum() + 3.0, (forgotten, kept)
+    assert full.summary["last"] > adapter.summary["last"] + 8.0, (full.summary, adapter.summary)
 
 
 @pytest.mark.e2e
