@@ -201,6 +201,23 @@ class _Sweep:
                                       stop=self.guard, failure_config=tune.FailureConfig(max_failures=1)),
         )
 
+    def fit(self, tuner: Any) -> Any:
+        """``tuner.fit()`` with the storage guard's filters and upload wrapper in place, then removed
+        from the guard Tune ran too (a restored Tuner runs its own unpickled copy), as
+        ``sweeps.runner`` does: nothing of it outlives the sweep."""
+        from sweeps.runner import callback_of
+        from sweeps.storage import StorageGuard
+
+        self.guard.install_filters()
+        try:
+            return tuner.fit()
+        finally:
+            used = callback_of(tuner, StorageGuard)
+            for g in (self.guard, used) if used is not None else (self.guard,):
+                g.remove_filters()
+            if used is not None and used is not self.guard and used.tripped:
+                self.guard.message = used.message
+
     def fired(self) -> dict[float, str]:
         return {float(p.name): p.read_text() for p in self.marks.iterdir()}
 
@@ -233,7 +250,7 @@ def test_a_lost_worker_process_resumes_its_trial_from_the_last_task(local_ray: N
     from that task's checkpoint; the trial keeps its one study trial and its one MLflow run, tasks
     0-3 are not run again, and every reader has every step once."""
     sweep = _Sweep(tmp_path, [{"x": DIE}], num_samples=2)
-    grid = sweep.tuner().fit()
+    grid = sweep.fit(sweep.tuner())
     assert sweep.fired() == {DIE: "died"}, "the worker died"
     assert len(grid) == 2 and not grid.errors
     rows = R.read_results(sweep.folder)
@@ -253,11 +270,7 @@ def test_a_full_disk_stops_the_sweep_and_the_restored_sweep_finishes_it(local_ra
     from sweeps.recovery import expect_tune_trials, saved_tune_trials
 
     sweep = _Sweep(tmp_path, [{"x": FULL}], num_samples=3)
-    sweep.guard.install_filters()
-    try:
-        sweep.tuner().fit()
-    finally:
-        sweep.guard.remove_filters()
+    sweep.fit(sweep.tuner())
     assert sweep.fired() == {FULL: "full"} and sweep.guard.tripped, "the disk was full and the guard tripped"
     assert "No space left on device" in (sweep.guard.message or "")
     import optuna
@@ -273,8 +286,9 @@ def test_a_full_disk_stops_the_sweep_and_the_restored_sweep_finishes_it(local_ra
     expect_tune_trials(saved)
     try:
         restored = tune.Tuner.restore(str(sweep.folder), sweep.trainable(), resume_unfinished=True, resume_errored=True)
-        grid = restored.fit()
+        grid = sweep.fit(restored)
     finally:
         expect_tune_trials(None)
     assert len(grid) == 3 and not grid.errors
     sweep.check_every_step_once(trials=3)
+
