@@ -27,6 +27,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from lada_core import metrics as M
@@ -125,22 +126,33 @@ def final_trainable(config: dict[str, Any], spec: Any, points: list[dict[str, An
     lada_trainable({**points[int(config["candidate"])], "train.seed": int(config["seed"])}, spec)
 
 
+def final_run_target(settings: Settings, spec: Any, suffix: str = "") -> tuple[str, Any]:
+    """The final Tune run's folder (``<name>-final<suffix>`` in the sweep's storage) and the spec its
+    trials run with: a final trial restored from an older checkpoint than it stored (the command
+    killed between two of Tune's snapshots) continues from its newest stored task, as a sweep's trial
+    does (:func:`sweeps.recovery.resume_point`), so its results folder is the run's own."""
+    from sweeps.settings import is_uri, join_path
+
+    path = join_path(settings.storage, f"{settings.name}-final{suffix}")
+    return path, replace(spec, results_dir=None if is_uri(path) else path)
+
+
 def run_final(settings: Settings, spec: Any, points: list[dict[str, Any]], seeds: int, max_failures: int, suffix: str = "") -> Any:
     """The final trials as one Tune run (``<name>-final<suffix>`` in the sweep's storage), each a child
     run of the sweep's MLflow parent tagged ``lada.phase=final``; restored when it exists (its
     finished trials are kept, the others resume from their last task)."""
     from ray import tune
 
-    from sweeps.settings import is_uri, join_path
+    from sweeps.settings import is_uri
     from sweeps.tracking import MlflowTracker, get_or_create_experiment, open_client
 
+    path, spec = final_run_target(settings, spec, suffix)
     client = open_client(settings.mlflow_uri)
     exp = get_or_create_experiment(client, settings.experiment, settings.mlflow_uri)
     tracker = MlflowTracker(settings.mlflow_uri, exp, settings.parent_run_id or "", sweep_name=settings.name, spec=spec,
                             extra_tags={PHASE_TAG: "final", "lada.space": settings.space, EVAL_TAG: spec.config({}).data.benchmark})
     trainable = tune.with_resources(tune.with_parameters(final_trainable, spec=spec, points=points),
                                     {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial or 0})
-    path = join_path(settings.storage, f"{settings.name}-final{suffix}")
     if not is_uri(path) and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True).fit()
     tuner = tune.Tuner(

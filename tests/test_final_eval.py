@@ -81,7 +81,14 @@ def test_final_evaluation_then_a_missing_test_image(sweep_dirs: SweepDirs, tmp_p
                               env=sweep_env(dirs), timeout=600)
     assert on_other.returncode == 0, on_other.stderr[-3000:]
     after = finished()
-    assert len(after) == 4 and all(after[f] == text for f, text in done_before.items()), "the finished trial was not trained again"
+
+    def trained(text: str) -> list[str]:
+        """Ray's rows less the replayed ones (a step Tune's saved state lacked, reported again from its
+        stored checkpoint without training: Ray's result.json is at-least-once)."""
+        return [line for line in text.splitlines() if line.strip() and not json.loads(line).get("replayed")]
+
+    assert len(after) == 4 and all(trained(after[f]) == trained(text) for f, text in done_before.items()), \
+        "the finished trial was not trained again"
     (other_json,) = dirs.folder("fin").glob("final_report.xtail-*.json")
     other_report = json.loads(other_json.read_text())
     assert other_report["tuned_on"] == "xtail" and other_report["evaluated_data_root"] == str(other.resolve())

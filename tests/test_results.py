@@ -119,3 +119,22 @@ def test_sync_writes_each_step_once_and_nothing_twice(tmp_path: Path) -> None:
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, M.TASK_INDEX)) == [0, 1, 2]
     again = sync_sweep(s)
     assert again["runs_created"] == again["metrics_logged"] == again["runs_closed"] == again["parent_closed"] == 0
+
+
+def test_final_trials_look_for_their_stored_checkpoints_in_their_own_run(tmp_path: Path) -> None:
+    """A final trial restored from an older checkpoint than it had stored (lada-sweep-evaluate killed
+    between two of Tune's snapshots) must find its newest stored task, as a sweep's trial does: the
+    final trials' spec names their run's folder (it named none, and such a trial trained its last
+    task again)."""
+    from types import SimpleNamespace
+
+    from sweeps.evaluate import final_run_target
+    from sweeps.trainable import TrialSpec
+
+    spec = TrialSpec(base_config={})
+    local = SimpleNamespace(storage=str(tmp_path), name="fin")
+    path, final = final_run_target(local, spec, ".xtail-1")  # type: ignore[arg-type]
+    assert path == str(tmp_path / "fin-final.xtail-1") and final.results_dir == path
+    cloud = SimpleNamespace(storage="s3://bucket/sweeps", name="fin")
+    path, final = final_run_target(cloud, spec)  # type: ignore[arg-type]
+    assert path == "s3://bucket/sweeps/fin-final" and final.results_dir is None
