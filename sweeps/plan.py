@@ -68,6 +68,15 @@ def _study_file_exists(url: str) -> bool:
     return True
 
 
+def _clip(text: str, limit: int) -> str:
+    """``text`` as an error message shows it: as is when short and printable, else its ``repr`` cut
+    to ``limit`` characters (an escaped character takes up to ten)."""
+    if len(text) <= limit and text.isprintable():
+        return text
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 def parse_points(items: Sequence[str], suggested: Sequence[str], spec: Any) -> list[dict[str, Any]]:
     """``--point`` strings (``KEY=VALUE[,KEY=VALUE]``) -> points for Optuna's queue. Every name must be
     one the space suggests; values are typed by the config (``1e-3`` -> float, ``8`` -> int) and must
@@ -76,7 +85,7 @@ def parse_points(items: Sequence[str], suggested: Sequence[str], spec: Any) -> l
 
     points = []
     for item in items:
-        shown = item if len(item) <= 120 and item.isprintable() else repr(item[:120])
+        shown = _clip(item, 120)
         point: dict[str, Any] = {}
         for part in (x.strip() for x in item.split(",")):
             if not part:
@@ -87,7 +96,7 @@ def parse_points(items: Sequence[str], suggested: Sequence[str], spec: Any) -> l
                 raise UsageError(f"--point {shown}: {str(exc).replace('--set ', '')}") from None
             if key not in suggested:
                 names = ", ".join(suggested) or "none"
-                key_shown = key if len(key) <= 80 and key.isprintable() else repr(key[:80])
+                key_shown = _clip(key, 80)
                 raise UsageError(f"--point {shown}: {key_shown} is not a parameter of the space (it suggests: {names}); use --set for fixed settings")
             if key in point:
                 raise UsageError(f"--point {shown}: {key} is given twice")

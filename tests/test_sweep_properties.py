@@ -208,6 +208,7 @@ point_items = st.one_of(
 @example(item="optim.lr=1e-3,lada.memory_size=8")
 @example(item="optim.epochs=3")
 @example(item="lada.memory_size=0")
+@example(item="lada.memory_size=0,0000\x1f\x1f\x1f\U00012544\U00018d09=0000\x1f\U00018cd6\U0001dab0\U0002ebe1\U0002ebe1" * 3)  # found in CI
 def test_point_is_parsed_or_rejected_in_one_line(smoke_spec: Any, item: str) -> None:
     from sweeps.plan import parse_points, suggested_names
     from sweeps.settings import UsageError
