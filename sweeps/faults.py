@@ -13,9 +13,14 @@ Points and what they accept:
   ``{"nth": N, "until": FILE}`` holds the N-th ask of this process until FILE exists (at most
   ``timeout`` seconds, default 300), or ``{"nth": N, "sleep": S}`` for S seconds (a test makes the
   study database the first write to meet a full disk).
-- ``trial.after_last_task`` (a trial's worker, after the trainer returned from its last task, its
-  report made): ``{"exit": CODE, "once": MARKER}`` ends the worker process at once (as a lost node
-  would), the first time only: MARKER is created exclusively and holds the worker's pid.
+- ``trial.after_task`` (a trial's worker, right after it reported a task it trained, with that task's
+  checkpoint): ``{"task": K, ...}`` acts after task K only (any task without ``task``);
+  ``{"exit": CODE}`` ends the worker process at once (as a lost node would); ``{"until": FILE}`` holds
+  the worker there until FILE exists (a test then kills it, its node, or a server, at a known point);
+  ``"once": MARKER`` acts the first time only (MARKER is created exclusively and holds the worker's pid).
+
+Every firing's log line holds the point, the pid, the time, the plan's entry and where it fired
+(``task`` for ``trial.after_task``).
 """
 
 from __future__ import annotations
@@ -43,10 +48,12 @@ def plan() -> dict[str, dict[str, Any]]:
     return found if isinstance(found, dict) else {}
 
 
-def at(point: str) -> None:
-    """Run the fault the plan holds for ``point`` (nothing when it holds none)."""
+def at(point: str, **where: Any) -> None:
+    """Run the fault the plan holds for ``point`` (nothing when it holds none). ``where`` says where
+    the point was reached (``task=3``): a plan entry that names one of its keys with another value
+    does not act there, nor count it."""
     spec = plan().get(point)
-    if not spec:
+    if not spec or any(k in spec and spec[k] != v for k, v in where.items()):
         return
     _counts[point] = _counts.get(point, 0) + 1
     if "nth" in spec and _counts[point] != int(spec["nth"]):
@@ -58,7 +65,7 @@ def at(point: str) -> None:
             return
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
-    _log(point, spec)
+    _log(point, {**spec, **where})
     if "until" in spec:
         deadline = time.monotonic() + float(spec.get("timeout", 300))
         while not os.path.exists(spec["until"]) and time.monotonic() < deadline:

@@ -258,6 +258,7 @@ class _Reporter:
                 self.report(result, ckpt if (ckpt / "state.pt").is_file() else None)
             return
         self.report(result, Path(te.checkpoint_dir))
+        faults.at("trial.after_task", task=te.task_index)
 
 
 def _report_end(last: dict[str, Any], fields: dict[str, Any]) -> None:
@@ -304,7 +305,6 @@ def lada_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
         timings.span("backbone_s", t_bb)
         run_continual_parallel(cfg, spec.cache_path, workdir, world, on_task_end=on_task_end, timings=timings.t if timings.folder else None,
                                bundle=bundle, backbone=backbone)
-        faults.at("trial.after_last_task")
         timings.write(run_s=time.time() - t0)
     except DivergenceError as exc:
         # Retrying cannot help (same seed, same data): end the trial with the reason, as a failed value.

@@ -135,6 +135,13 @@ def sweep_dirs(tmp_path: Path, shared_cache_root: Path) -> Iterator[Any]:
     shutil.rmtree(d.ray_tmp, ignore_errors=True)
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject.toml): one worker per core, at most four (each may run a sweep with its
+    own local Ray, a gigabyte or two of memory), at least two (on two cores, a sweep's test waits on
+    its processes much of the time: measured, the whole suite 91% busy with two workers)."""
+    return max(2, min(os.cpu_count() or 2, 4))
+
+
 # -- test layers ------------------------------------------------------------------------------------------
 LAYERS = ("unit", "integration", "e2e", "fault")
 

@@ -2,8 +2,10 @@
 a sqlite MLflow store or a real ``mlflow server``, and an Optuna storage, read back through their own
 clients. Every sweep has a time budget and a process timeout.
 
-1. A trial's worker process SIGKILLed mid-task: retried from its last finished task's checkpoint, the
-   same accuracy matrix as an uninterrupted run with the same seed, its MLflow run continued.
+1. A trial's worker process SIGKILLed (from outside, while the fault seam ``trial.after_task`` holds
+   it after its third task): retried from its last finished task's checkpoint, the same accuracy
+   matrix as an uninterrupted run with the same seed, its MLflow run continued. (The same worker lost
+   just after its last task: ``tests/test_integration.py``.)
 2. A worker node of a two-node cluster killed mid-sweep: its trial moves to the other node, the
    sweep finishes with every requested trial.
 3. A diverging trial (an absurd learning rate): failed within one step, the reason in its MLflow run,
@@ -54,9 +56,18 @@ from sweeps.trainable import REPLAYED
 pytestmark = pytest.mark.fault
 
 BUDGET = ["--time-budget-s", "300"]
-# A few hundred optimizer steps per task (about a second each on this machine): a fault lands inside
-# a task, not between two.
-LONGER_TASKS = ["--set", "optim.epochs=8", "--set", "optim.batch_size=2"]
+
+
+def _hold_after_task(dirs: SweepDirs, task: int, once: bool = True) -> tuple[dict[str, str], Path, Path]:
+    """The fault seam ``trial.after_task`` armed to hold a trial's worker right after it reported
+    ``task`` (the first worker to get there, or every one when not ``once``), until the test creates
+    the returned release file; the returned marker holds the held worker's pid (``once``). The test
+    acts at a known point (kills the worker, its node, a server), however fast or slow the machine."""
+    release, marker = dirs.root / "release", dirs.root / "held"
+    entry: dict[str, Any] = {"task": task, "until": str(release)}
+    if once:
+        entry["once"] = str(marker)
+    return _fault_env(dirs, {"trial.after_task": entry}), release, marker
 
 
 @pytest.fixture
@@ -163,23 +174,28 @@ def _reference_matrix(dirs: SweepDirs, name: str, config: dict[str, Any]) -> lis
 
 def test_killed_worker_is_retried_from_its_last_task(dirs: SweepDirs) -> None:
     name = "killed"
-    proc = _start(dirs, sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "1", "--seed", "3", *LONGER_TASKS, *BUDGET))
+    env, release, marker = _hold_after_task(dirs, task=2)
+    proc = _start(dirs, sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "1", "--seed", "3", *BUDGET), env=sweep_env(dirs, env))
     folder = dirs.folder(name)
 
-    def mid_sweep() -> tuple[str, int, int] | None:
+    def held_and_recorded() -> tuple[str, int] | None:
+        # The worker is held after task 2 and the driver has taken its three results.
+        if not marker.exists() or not marker.read_text():
+            return None
         for tid, rows in tune_trial_results(folder).items():
-            if 2 <= len(rows) <= 4:
-                return tid, len(rows), rows[-1]["pid"]
+            if len(rows) == 3:
+                return tid, int(marker.read_text())
         return None
 
     try:
-        tid, done_before, pid = _poll(mid_sweep, 240, "two finished tasks", proc)
-        time.sleep(0.3)  # into the next task
+        tid, pid = _poll(held_and_recorded, 240, "the worker held after its third task", proc)
         os.kill(pid, signal.SIGKILL)
+        release.touch()
         code, out, err = _wait(proc, dirs, 400)
     finally:
         kill_group(proc, wait=0)
     assert code == 0, err[-5000:]
+    assert [e["task"] for e in _fired(dirs, "trial.after_task")] == [2], "the seam held the worker once, after task 2"
     s = summary(dirs, name)
     assert s["trials"] == 1 and s["completed"] == 1, s["outcomes"]
     raw = tune_trial_results(folder)[tid]
@@ -187,12 +203,7 @@ def test_killed_worker_is_retried_from_its_last_task(dirs: SweepDirs) -> None:
     rows = _read_once(folder)[tid]
     assert _steps(rows) == list(range(7)), "every task once in the reader"
     pids = [r["pid"] for r in rows]
-    assert pids[0] == pid and pids[-1] != pid, "the tasks after the kill ran in a new worker process"
-    first_new = next(i for i, p in enumerate(pids) if p != pid)
-    # The killed worker may still have finished and reported a task or two between the poll and the
-    # kill (seen on a loaded machine: polled at 2 tasks, killed after 4): only the lower bound is
-    # certain; that no task was trained again is the _steps check above.
-    assert first_new >= done_before, (done_before, pids)
+    assert pids[:3] == [pid] * 3 and pid not in pids[3:], ("tasks 0-2 in the killed worker, the rest in a new one", pids)
 
     names = settings(dirs, name)["dataset_names"]
     matrix = [[r[f"val/acc/{n}"] for n in names] for r in rows]
@@ -206,35 +217,6 @@ def test_killed_worker_is_retried_from_its_last_task(dirs: SweepDirs) -> None:
     assert steps == list(range(7)), "the run was continued after the retry, every step once"
 
 
-def test_worker_lost_right_after_its_last_task_ends_the_trial_once(dirs: SweepDirs) -> None:
-    """The worker dies just after reporting its last task (its node lost then): Tune restores the
-    trial from that task's checkpoint, the trial has nothing left to do and reports nothing again, and
-    the trial completes once, with the result it had: no step twice in Ray's results or MLflow, one
-    COMPLETE value in Optuna."""
-    import optuna
-
-    name = "lastgasp"
-    marker = dirs.root / "died-after-last-task"
-    env = sweep_env(dirs, _fault_env(dirs, {"trial.after_last_task": {"exit": 1, "once": str(marker)}}))
-    res = run_sweep(dirs, sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "1", "--seed", "5", *BUDGET), env=env)
-    assert res.returncode == 0, res.stderr[-5000:]
-    assert marker.exists() and len(_fired(dirs, "trial.after_last_task")) == 1, "the seam ended the worker after its last task, once"
-    s = summary(dirs, name)
-    assert s["trials"] == 1 and s["completed"] == 1, s["outcomes"]
-    ((tid, raw),) = tune_trial_results(dirs.folder(name)).items()
-    assert _trained(raw) == list(range(7)), "no task trained again"
-    assert {r["pid"] for r in raw if not r.get(REPLAYED)} == {int(marker.read_text())}, "every task ran in the worker that died"
-    rows = _read_once(dirs.folder(name))[tid]
-    assert _steps(rows) == list(range(7)), "the last task once in the reader"
-    study = optuna.load_study(study_name=name, storage=settings(dirs, name)["study_storage"])
-    (trial,) = study.trials
-    assert trial.state.name == "COMPLETE" and trial.value == pytest.approx(rows[-1]["objective"])
-    runs = _one_run_per_trial(dirs, name)
-    run, steps = runs[tid]
-    assert run.info.status == "FINISHED" and run.data.tags["lada.outcome"] == "completed"
-    assert steps == list(range(7))
-
-
 # -- 2. a worker node of a two-node cluster killed --------------------------------------------------------
 def test_lost_worker_node_trials_move_to_the_other_node(dirs: SweepDirs) -> None:
     """A head and a worker node from real ``ray start`` processes (token-authenticated), one CPU each:
@@ -243,32 +225,22 @@ def test_lost_worker_node_trials_move_to_the_other_node(dirs: SweepDirs) -> None
     name = "nodeloss"
     tmp = short_tmp("rc")
     cluster = LocalRayCluster(tmp)
+    hold, release, _ = _hold_after_task(dirs, task=2, once=False)
+    cluster.env.update(hold)  # the nodes' workers are the ray start processes' children: the plan goes there
     try:
         cluster.start_head(num_cpus=1, resources={"node_a": 1})
         cluster.add_node(num_cpus=1, resources={"node_b": 1})
         cluster.wait_nodes(2)
         env = sweep_env(dirs, {k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
-        # Tasks of about a second here: the kill lands while the lost node's trial has tasks to go.
+        # Every trial's worker is held after task 2 until the release: the kill lands while both
+        # nodes hold a trial with tasks to go (one CPU per node: two held trials are on two nodes).
         args = sweep_args(dirs, name, "--space", "lada_smoke", "--address", cluster.address, "--num-samples", "3",
-                          "--max-concurrent", "2", "--cpus-per-trial", "1", *LONGER_TASKS, "--set", "optim.epochs=24",
-                          *BUDGET, local_cpus=None)
+                          "--max-concurrent", "2", "--cpus-per-trial", "1", *BUDGET, local_cpus=None)
         proc = _start(dirs, args, env=env)
-        folder = dirs.folder(name)
-
-        def two_nodes_busy() -> bool:
-            # A trial's progress from its newest task checkpoint (the worker writes it before its
-            # report returns; Ray's result.json copy lags behind), its node from its first result.
-            busy = set()
-            for d in folder.glob("lada_trainable_*"):
-                first = (d / "result.json").read_text().partition("\n")[0] if (d / "result.json").is_file() else ""
-                tasks = [int(p.name.split("-")[1]) for p in d.glob("checkpoint_*/task-*")]
-                if first and tasks and max(tasks) <= 4:  # two tasks or more to go
-                    busy.add(json.loads(first)["node_id"])
-            return len(busy) == 2
-
         try:
-            _poll(two_nodes_busy, 240, "unfinished trials on both nodes", proc)
+            _poll(lambda: len(_fired(dirs, "trial.after_task")) == 2, 240, "a trial held on each node", proc)
             os.killpg(cluster.procs[1].pid, signal.SIGKILL)  # the worker node: its raylet and its workers
+            release.touch()
             code, out, err = _wait(proc, dirs, 400)
         finally:
             kill_group(proc, wait=0)
@@ -284,6 +256,8 @@ def test_lost_worker_node_trials_move_to_the_other_node(dirs: SweepDirs) -> None
         assert _trained(rows) == list(range(7)), (tid, "every task trained once: a moved trial resumed from its checkpoint")
     results = _read_once(dirs.folder(name))
     assert all(_steps(rows) == list(range(7)) for rows in results.values()), "every task once in the reader"
+    held = _fired(dirs, "trial.after_task")
+    assert len(held) >= 2 and all(e["task"] == 2 for e in held), held
     moved = {tid: [r["node_id"] for r in rows] for tid, rows in results.items() if len({r["node_id"] for r in rows}) == 2}
     assert moved, "a trial of the lost node was rescheduled on the other one"
     (lost, survivor), *others = {(nodes[0], nodes[-1]) for nodes in moved.values()}
@@ -333,19 +307,23 @@ def test_mlflow_server_down_then_sync(dirs: SweepDirs) -> None:
     server = MlflowServer(dirs.root / "mlflow-server")
     server.start()
     try:
-        args = sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "2", "--max-concurrent", "1", *LONGER_TASKS, *BUDGET)
+        args = sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "2", "--max-concurrent", "1", *BUDGET)
         args[args.index("--mlflow-uri") + 1] = server.uri
-        proc = _start(dirs, args)
+        hold, release, marker = _hold_after_task(dirs, task=1)
+        proc = _start(dirs, args, env=sweep_env(dirs, hold))
         folder = dirs.folder(name)
         try:
-            # The parent run exists and the first trial has reported a task: stop the server.
-            _poll(lambda: settings(dirs, name).get("parent_run_id") and any(len(r) >= 2 for r in tune_trial_results(folder).values()),
-                  240, "the first task steps", proc)
+            # The parent run exists and the first trial, held after task 1, has reported two tasks:
+            # stop the server, then let the sweep go on.
+            _poll(lambda: marker.exists() and settings(dirs, name).get("parent_run_id")
+                  and any(len(r) >= 2 for r in tune_trial_results(folder).values()), 240, "the first task steps", proc)
             server.stop()
+            release.touch()
             code, out, err = _wait(proc, dirs, 400)
         finally:
             kill_group(proc, wait=0)
         assert code == 0, err[-5000:]
+        assert len(_fired(dirs, "trial.after_task")) == 1, "the seam held the first trial while the server went down"
         assert "Traceback" not in err, err[-5000:]
         assert "--sync-mlflow" in out, "the sweep says how to catch MLflow up"
         s = summary(dirs, name)
@@ -463,23 +441,22 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("meets", ["first write", "study database"])
-def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs, meets: str) -> None:
-    """The disk fills up after the first trial ends. Which write meets it first depends on timing: a
-    trial's or Ray's (pyarrow), or the Optuna study's (sqlite, when the next trial is asked for):
-    "study database" holds the driver's second ask (the fault seam ``search.ask``) until the disk is
-    full, so that it is the study's."""
+def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs) -> None:
+    """The disk fills up after the first trial ends, and the first write to meet it is the Optuna
+    study's (sqlite, when the next trial is asked for): the fault seam ``search.ask`` holds the
+    driver's second ask until the disk is full. (A trial's or Ray's write meeting it first, and the
+    restored sweep after it, is the integration test
+    ``test_a_full_disk_stops_the_sweep_and_the_restored_sweep_finishes_it``.)"""
     import optuna
     import torch
 
     name = "diskfull"
     disk = dirs.root / "disk"
     with _small_disk(disk) as ((fill, free), extra, mounted):
-        args = sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "2", "--max-concurrent", "1", *LONGER_TASKS, *BUDGET)
+        args = sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "2", "--max-concurrent", "1", *BUDGET)
         args[args.index("--storage") + 1] = str(disk / "results")
         folder = disk / "results" / name
-        if meets == "study database":
-            extra = {**extra, **_fault_env(dirs, {"search.ask": {"nth": 2, "until": str(dirs.root / "disk-filled")}})}
+        extra = {**extra, **_fault_env(dirs, {"search.ask": {"nth": 2, "until": str(dirs.root / "disk-filled")}})}
         env = sweep_env(dirs, extra)
         proc = _start(dirs, args, env=env)
         db = f"sqlite:///{folder / 'optuna.db'}"
@@ -493,18 +470,17 @@ def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs, 
             # A finished trial is written to storage when it ends, not at Tune's next snapshot.
             _poll(lambda: len(_steps(tune_trial_results(folder).get(finished, []))) == 7, 5, "the finished trial's results", proc)
             fill()  # the disk is full from now on
-            (dirs.root / "disk-filled").touch()  # lets the held second ask go ("study database")
+            (dirs.root / "disk-filled").touch()  # lets the held second ask go
             code, out, err = _wait(proc, dirs, 300)
         finally:
             kill_group(proc, wait=0)
         assert code == 3, err[-5000:]
-        if meets == "study database":
-            assert len(_fired(dirs, "search.ask")) == 1, "the seam held the second ask back"
+        assert len(_fired(dirs, "search.ask")) == 1, "the seam held the second ask back"
         line = _one_error_line(err)
         assert "No space left on device" in line and str(disk) in line, line
         assert "--resume --name diskfull" in line, line
         assert "its 1 finished trial is kept" in line, line
-        if meets == "study database" and mounted:  # (the injected ENOSPC reaches pyarrow's writes only)
+        if mounted:  # (the injected ENOSPC reaches pyarrow's writes only)
             assert f"(sqlite: database or disk is full): {folder / 'optuna.db'}" in line, line
 
         # The finished trial is intact: its results, its last checkpoint, its study entry, its run.

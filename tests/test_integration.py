@@ -122,12 +122,13 @@ def test_a_sweep_records_every_step_once_and_each_outcome_by_the_one_rule(local_
 
 
 # -- a worker process lost mid-trial; a full disk, then a restored sweep ------------------------------------
-DIE, FULL = 0.33, 0.66  # points whose first attempt loses its worker after task 3 / meets a full disk after task 2
+DIE, DIE_LAST, FULL = 0.33, 0.44, 0.66  # first attempts that lose their worker after task 3 / after the last task, meet a full disk at task 3
 
 
 def checkpointed_trainable(config: dict[str, Any], marks: str) -> None:
     """Seven tasks, a checkpoint (the task index) with each report, resumed after the restored one.
-    ``x == DIE``: the worker process dies (``os._exit``) after reporting task 3, once; ``x == FULL``:
+    ``x == DIE``: the worker process dies (``os._exit``) after reporting task 3, once; ``x == DIE_LAST``:
+    the same after its last task (its node lost just then); ``x == FULL``:
     task 3 meets a full disk (reported as the real trainable does, then the trial waits to be
     stopped), once. ``marks``: a folder where each fault leaves a file when it fires."""
     import json
@@ -154,7 +155,7 @@ def checkpointed_trainable(config: dict[str, Any], marks: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "task.json").write_text(json.dumps({"task": k}))
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
-        if x == DIE and k == 3 and not fired.exists():
+        if ((x == DIE and k == 3) or (x == DIE_LAST and k == TASKS - 1)) and not fired.exists():
             fired.write_text("died")
             os._exit(1)
 
@@ -245,18 +246,25 @@ class _Sweep:
             assert sorted(steps) == list(range(TASKS)), steps
 
 
-def test_a_lost_worker_process_resumes_its_trial_from_the_last_task(local_ray: None, tmp_path: Path) -> None:
-    """The worker of one trial dies after its fourth task (the OOM killer, a SIGKILL): Tune retries it
-    from that task's checkpoint; the trial keeps its one study trial and its one MLflow run, tasks
-    0-3 are not run again, and every reader has every step once."""
-    sweep = _Sweep(tmp_path, [{"x": DIE}], num_samples=2)
+@pytest.mark.parametrize("point", [DIE, DIE_LAST], ids=["after task 3", "after the last task"])
+def test_a_lost_worker_process_resumes_its_trial_from_the_last_task(local_ray: None, tmp_path: Path, point: float) -> None:
+    """The worker of one trial dies after its fourth task (the OOM killer, a SIGKILL), or just after
+    reporting its last one (its node lost then): Tune retries it from that task's checkpoint (after
+    the last task there is nothing left to do, and nothing is reported again); the trial keeps its one
+    study trial (COMPLETE once, with its last value) and its one MLflow run, no task is run again, and
+    every reader has every step once."""
+    import optuna
+
+    sweep = _Sweep(tmp_path, [{"x": point}], num_samples=2)
     grid = sweep.fit(sweep.tuner())
-    assert sweep.fired() == {DIE: "died"}, "the worker died"
+    assert sweep.fired() == {point: "died"}, "the worker died"
     assert len(grid) == 2 and not grid.errors
     rows = R.read_results(sweep.folder)
-    (died,) = [rec for rec in rows.values() if round(float(rec.config["x"]), 2) == DIE]
-    assert [r[M.TASK_INDEX] for r in died.rows] == list(range(TASKS)), "tasks 0-3 reported once: the retry began at task 4"
+    (died,) = [rec for rec in rows.values() if round(float(rec.config["x"]), 2) == point]
+    assert [r[M.TASK_INDEX] for r in died.rows] == list(range(TASKS)), "every task reported once: the retry began after the last checkpoint"
     sweep.check_every_step_once(trials=2)
+    (trial,) = [t for t in optuna.load_study(study_name="s", storage=sweep.study_url).get_trials() if t.params["x"] == point]
+    assert trial.value == pytest.approx(10.0 * TASKS * point), "the study holds the trial's last value"
     assert sweep.tracker.unsent() == (0, 0)
 
 

@@ -279,7 +279,7 @@ def test_resume_after_the_driver_is_killed(dirs: SweepDirs) -> None:
     name = "resume"
     # One trial at a time, a few hundred optimizer steps per task (about a second per task), so that
     # the kill lands while a trial is between tasks.
-    args = sweep_args(dirs, name, "--space", "lada_smoke", "--max-concurrent", "1", "--seed", "1",
+    args = sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "2", "--max-concurrent", "1", "--seed", "1",
                       "--set", "optim.epochs=8", "--set", "optim.batch_size=2", *BUDGET)
     env = sweep_env(dirs)
     log = open(dirs.root / "killed-driver.log", "w")
@@ -307,20 +307,20 @@ def test_resume_after_the_driver_is_killed(dirs: SweepDirs) -> None:
         kill_group(proc, signal.SIGKILL)
         log.close()
     before = study_states(f"sqlite:///{study_db}", name)
-    assert before.get("COMPLETE", 0) >= 1 and before.get("COMPLETE", 0) < 4
+    assert before.get("COMPLETE", 0) == 1
 
     res = run_sweep(dirs, [*args, "--resume"])  # the same command again, plus --resume
     assert res.returncode == 0, res.stderr[-6000:]
     s = summary(dirs, name)
-    assert s["trials"] == 4 and s["completed"] == 4, s["outcomes"]
+    assert s["trials"] == 2 and s["completed"] == 2, s["outcomes"]
     st = settings(dirs, name)
     study = optuna.load_study(study_name=name, storage=st["study_storage"])
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) == 4
-    assert len({t.user_attrs["ray_trial_id"] for t in finished}) == 4
+    assert len(finished) == 2
+    assert len({t.user_attrs["ray_trial_id"] for t in finished}) == 2
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     results = tune_trial_results(dirs.folder(name))
-    assert len(results) == 4
+    assert len(results) == 2
     for tid, rows in results.items():
         steps = [r[M.TASK_INDEX] for r in rows]
         assert steps == list(range(7)), (tid, steps)  # every task once: nothing reran
@@ -333,7 +333,7 @@ def test_resume_after_the_driver_is_killed(dirs: SweepDirs) -> None:
     seen = [(r[M.TASK_INDEX], r["pid"], r.get(REPLAYED), r[TASK_SECONDS]) for r in results[tid]]
     assert kept == list(range(len(kept))) and len(kept) >= had, f"trained again after the kill (it had {had} tasks): {seen}"
     assert all(r[TASK_SECONDS] == 0 for r in results[tid] if r.get(REPLAYED) == 1)
-    runs = _mlflow_checks(dirs, name, expect_finished=4)
+    runs = _mlflow_checks(dirs, name, expect_finished=2)
     assert {r.data.tags["lada.trial_id"] for r in runs} == {t.user_attrs["ray_trial_id"] for t in finished}
     others = [r for r in child_runs(dirs.mlflow_uri, st["parent_run_id"]) if r.info.status != "FINISHED"]
     assert all(r.info.status == "KILLED" for r in others), "only runs of trials the killed driver never saved"

@@ -857,14 +857,12 @@ def test_searcher_pickles_and_its_copy_continues_the_study(tmp_path: Path) -> No
     assert t.state == TrialState.COMPLETE and t.intermediate_values == {0: 50.0, 1: 51.0} and t.value == 51.0
 
 
-@pytest.mark.integration
 def test_fault_seams_fire_as_planned_and_log_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """sweeps.faults: nothing without a plan; ``nth`` fires on that call only; ``once`` fires once
-    across processes (its marker holds the pid); ``exit`` ends the process with that code."""
+    (its marker holds the pid); ``until`` holds until its file exists; an entry naming ``task`` acts at
+    that task only; ``exit`` ends the process with that code."""
     import json
     import os
-    import subprocess
-    import sys
 
     from sweeps import faults
 
@@ -885,8 +883,13 @@ def test_fault_seams_fire_as_planned_and_log_it(tmp_path: Path, monkeypatch: pyt
     faults.at("held")
     assert len(faults.fired(log, "held")) == 1, "returns once the file exists"
 
-    env = {**os.environ, faults.PLAN_ENV: json.dumps({"trial.after_last_task": {"exit": 7}})}
-    code = "from sweeps import faults; faults.at('trial.after_last_task'); print('survived')"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 7 and "survived" not in res.stdout
-    assert len(faults.fired(log, "trial.after_last_task")) == 1
+    monkeypatch.setenv(faults.PLAN_ENV, json.dumps({"trial.after_task": {"task": 2, "nth": 1, "until": str(tmp_path / "go")}}))
+    for k in range(4):
+        faults.at("trial.after_task", task=k)
+    assert [e["task"] for e in faults.fired(log, "trial.after_task")] == [2], "only task 2 acts (and counts)"
+
+    exits: list[int] = []
+    monkeypatch.setattr(faults.os, "_exit", exits.append)
+    monkeypatch.setenv(faults.PLAN_ENV, json.dumps({"trial.after_task": {"exit": 7}}))
+    faults.at("trial.after_task", task=0)
+    assert exits == [7]
