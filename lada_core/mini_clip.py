@@ -425,7 +425,11 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
             return 0.5 * (1 + math.cos(math.pi * t))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        bar = tqdm(total=recipe.steps, desc=f"pretraining {recipe.model}", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        # On a terminal a bar rewritten in place; elsewhere (a pipe, a log file, CI) a plain line at
+        # each quarter: tqdm's carriage-return updates would be a hundred lines in a log.
+        tty = progress and sys.stderr.isatty()
+        bar = tqdm(total=recipe.steps, desc=f"pretraining {recipe.model}", unit="step", disable=not tty, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        quarter, t_start = max(1, recipe.steps // 4), time.time()
         n = images.shape[0]
         order = torch.randperm(n, generator=gen)
         pos = 0
@@ -453,6 +457,9 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
                 raise PretrainError(f"pretraining {recipe.model} diverged at step {step + 1} (loss {running})")
             bar.set_postfix(loss=f"{running:.3f}", refresh=False)
             bar.update(1)
+            if progress and not tty and (step + 1) % quarter == 0 and step + 1 < recipe.steps:
+                print(f"pretraining {recipe.model}: {step + 1}/{recipe.steps} steps in {time.time() - t_start:.0f}s, loss {running:.3f}",
+                      file=sys.stderr, flush=True)
         bar.close()
         if used is not None:
             with torch.no_grad():

@@ -129,6 +129,15 @@ def test_pretraining_is_deterministic_and_content_addressed(tmp_path: Path) -> N
     assert not list((tmp_path / "a").glob("*.tmp-*"))
 
 
+def test_pretraining_progress_off_a_terminal_is_a_few_plain_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """Off a terminal (a pipe, a log file) pretraining says how far it is at each quarter, one plain
+    line each: no carriage-return bar (a hundred lines in a log; the demo prints under 60)."""
+    MC.pretrain(MC.with_steps(TINY_RECIPE, 8), progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line.split(" steps")[0] for line in err.splitlines()] == [f"pretraining lada-mini: {k}/8" for k in (2, 4, 6)], err
+
+
 @pytest.mark.integration
 def test_the_shrunk_vocabulary_trains_the_same_weights() -> None:
     """Pretraining trains only the token-embedding rows its captions use: the same bytes as training
