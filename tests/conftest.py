@@ -146,48 +146,6 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 LAYERS = ("unit", "integration", "e2e", "fault")
 
 
-MINI_CLIP_FIXTURES = {"mini_clip", "mini_clip_cache"}
-
-
-def _needs_mini_clip(item: pytest.Item) -> bool:
-    return item.get_closest_marker("mini_clip") is not None or bool(MINI_CLIP_FIXTURES & set(getattr(item, "fixturenames", ())))
-
-
-class _MiniClipLast:
-    """The tests on the mini CLIP run last, and on a machine without its weights the session starts
-    pretraining them in the background at once (one process: the first worker, or the only one).
-    Until they are there the other tests run; a mini CLIP test that comes sooner waits on the weights'
-    file lock (``lada_core.mini_clip``), as any process does. (Otherwise, measured on 2 cores, the
-    first two such tests, one per worker, both waited on one pretraining: a core idle for two minutes.)"""
-
-    def __init__(self) -> None:
-        self.proc: Any = None
-
-    @pytest.hookimpl(trylast=True)  # after ``-m`` has selected
-    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
-        items.sort(key=_needs_mini_clip)  # stable: the order within each group is kept
-        if any(_needs_mini_clip(it) for it in items) and os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
-            self._start()
-
-    def _start(self) -> None:
-        import subprocess
-
-        from lada_core import mini_clip as MC
-
-        if MC.verified(MC.weights_path()):
-            return
-        code = "from lada_core.mini_clip import ensure_weights; ensure_weights(progress=False, log=lambda m: None)"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, start_new_session=True)
-
-    def pytest_sessionfinish(self) -> None:
-        if self.proc is not None:  # a test of another worker may be waiting on it
-            self.proc.wait()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(_MiniClipLast(), "lada-mini-clip-last")
-
-
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` selects: an unmarked test is selected as ``unit``
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test is in exactly one layer (pyproject.toml's markers); a test without a layer marker is
