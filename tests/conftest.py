@@ -142,6 +142,46 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(2, min(os.cpu_count() or 2, 4))
 
 
+# -- the mini CLIP's one-time pretraining -----------------------------------------------------------------
+MINI_CLIP_FIXTURES = {"mini_clip", "mini_clip_cache"}
+
+
+def _needs_mini_clip(item: pytest.Item) -> bool:
+    return item.get_closest_marker("mini_clip") is not None or bool(MINI_CLIP_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+class _PretrainInBackground:
+    """On a machine without the mini CLIP's weights, a session that selected a test on it starts the
+    pretraining at once, in one background process (started by the first worker, or by the only
+    process), and the tests run in their usual order beside it. A mini CLIP test that comes before the
+    weights are there waits on their file lock (``lada_core.mini_clip``), as any process does, while
+    the other worker and the pretraining keep both cores busy. (Before, the first mini CLIP test of
+    each worker pretrained or waited: on 2 cores one worker sat idle for two minutes.)"""
+
+    def __init__(self) -> None:
+        self.proc: Any = None
+
+    @pytest.hookimpl(trylast=True)  # after ``-m`` has selected
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" or not any(_needs_mini_clip(it) for it in items):
+            return
+        import subprocess
+
+        from lada_core import mini_clip as MC
+
+        if MC.verified(MC.weights_path()) is None:
+            code = "from lada_core.mini_clip import ensure_weights; ensure_weights(progress=False, log=lambda m: None)"
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, start_new_session=True)
+
+    def pytest_sessionfinish(self) -> None:
+        if self.proc is not None:  # a test of another worker may be waiting on it
+            self.proc.wait()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_PretrainInBackground(), "lada-pretrain-in-background")
+
+
 # -- test layers ------------------------------------------------------------------------------------------
 LAYERS = ("unit", "integration", "e2e", "fault")
 

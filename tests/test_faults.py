@@ -53,7 +53,7 @@ from sweeps_helpers import (
 from lada_core import metrics as M
 from sweeps.trainable import REPLAYED
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.mini_clip]  # every sweep here runs lada_smoke on the mini CLIP
 
 BUDGET = ["--time-budget-s", "300"]
 

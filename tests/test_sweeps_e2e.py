@@ -70,6 +70,7 @@ def _mlflow_checks(dirs: SweepDirs, name: str, expect_finished: int, peek: bool 
 
 
 @pytest.mark.e2e
+@pytest.mark.mini_clip
 def test_smoke_sweep_end_to_end(dirs: SweepDirs, tmp_path: Path) -> None:
     """lada_smoke on mini-tail, local Ray: trials, one MLflow child run per trial under the parent,
     one metric point per task step, the matrix artifacts, the best config exported. Fashion-MNIST is
@@ -240,6 +241,7 @@ def test_peek_test_adds_test_metrics_and_says_so(dirs: SweepDirs, tmp_path: Path
 
 
 @pytest.mark.e2e
+@pytest.mark.mini_clip
 def test_asha_stops_weak_trials_between_tasks(dirs: SweepDirs) -> None:
     """One trial at a time, keep the best half at each rung: the later, weaker trials stop after a
     task and are told to Optuna as PRUNED; their MLflow runs say so and hold only the steps run."""
@@ -271,6 +273,7 @@ def _poll(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.fault
+@pytest.mark.mini_clip
 def test_resume_after_the_driver_is_killed(dirs: SweepDirs) -> None:
     """Kill the driver (and the local Ray it started) mid-sweep, then --resume: the sweep finishes
     with the requested trials; Optuna, Ray's results and MLflow agree; nothing ran or logged twice."""
