@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from lada_core.backbone import OFFLINE_TAG  # noqa: F401  (re-exported: the tag this module serves)
+from lada_core.progress import Progress
 
 MODEL = "lada-mini"
 ENV_DIR = "LADA_MODEL_DIR"
@@ -222,7 +223,7 @@ def ensure_weights(
         meta = {
             "sha256": _sha256(path), "size": path.stat().st_size, "recipe": asdict(recipe),
             "key": recipe.key(), "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "threads": recipe.threads, "torch": torch.__version__,  # the threads it ran on (pretrain sets them)
         }
         _publish_bytes(_sidecar(path), lambda p: p.write_text(json.dumps(meta, indent=1)))
         log(f"mini CLIP pretrained in {seconds:.0f}s: {path}")
@@ -389,7 +390,6 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
     (its class caption; for an image of an unnamed class, all class captions of its domain alike and
     its anonymous class caption, :meth:`PretrainData.targets`): CLIP's contrastive image-to-text loss
     where every caption of the batch is a class caption. Runs on ``recipe.threads`` torch threads."""
-    from tqdm import tqdm
 
     from lada_core.backbone import load_backbone
 
@@ -425,11 +425,7 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
             return 0.5 * (1 + math.cos(math.pi * t))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        # On a terminal a bar rewritten in place; elsewhere (a pipe, a log file, CI) a plain line at
-        # each quarter: tqdm's carriage-return updates would be a hundred lines in a log.
-        tty = progress and sys.stderr.isatty()
-        bar = tqdm(total=recipe.steps, desc=f"pretraining {recipe.model}", unit="step", disable=not tty, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-        quarter, t_start = max(1, recipe.steps // 4), time.time()
+        bar = Progress(recipe.steps, f"pretraining {recipe.model}", "step", enabled=progress)
         n = images.shape[0]
         order = torch.randperm(n, generator=gen)
         pos = 0
@@ -455,11 +451,8 @@ def pretrain(recipe: Recipe, progress: bool = True) -> dict[str, torch.Tensor]:
             running = 0.95 * running + 0.05 * value if step else value
             if not math.isfinite(running):
                 raise PretrainError(f"pretraining {recipe.model} diverged at step {step + 1} (loss {running})")
-            bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+            bar.set_postfix(loss=f"{running:.3f}")
             bar.update(1)
-            if progress and not tty and (step + 1) % quarter == 0 and step + 1 < recipe.steps:
-                print(f"pretraining {recipe.model}: {step + 1}/{recipe.steps} steps in {time.time() - t_start:.0f}s, loss {running:.3f}",
-                      file=sys.stderr, flush=True)
         bar.close()
         if used is not None:
             with torch.no_grad():

@@ -201,6 +201,20 @@ def test_each_split_is_encoded_only_when_asked_for(tmp_path: Path, capsys: pytes
     assert load_bundle(full).tasks[1].test.shape == (CLASSES * TEST, D)  # type: ignore[union-attr]
 
 
+def test_encoding_progress_off_a_terminal_is_a_few_plain_lines(bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``lada-cache`` (and ``lada-train``, which builds its cache the same way) without ``--quiet``,
+    its standard error a pipe or a log: one plain line at each quarter of the images, no tqdm
+    carriage-return updates."""
+    args = [a for a in cache_args(bench, tmp_path / "cache", "--batch-size", "2") if a != "--quiet"]
+    _, err = build(capsys, args)
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("encoding: ")]
+    assert len(lines) == 3 and all(" images in " in line for line in lines), err
+    done = [int(line.split()[1].split("/")[0]) for line in lines]
+    total = int(lines[0].split()[1].split("/")[1])
+    assert done == sorted(done) and all(0 < k < total for k in done), lines
+
+
 # ------------------------------------------------------------------------------------------ --check
 
 

@@ -97,6 +97,8 @@ def test_state_dict_file_keeps_the_architecture_activation(tmp_path: Path) -> No
 
 @pytest.mark.e2e
 def test_dry_run_of_the_default_model_reports_the_trainable_counts() -> None:
+    """open_clip's ViT-B-16 architecture (QuickGELU), random init (no download), on mini-tail:
+    12 x (1024 + 8208 + 8704 + 1) for the text adapters plus classes x lambda1 x 512 for the units."""
     out = subprocess.run(
         [sys.executable, "-m", "lada_core.cli", "--dry-run", "--set", "backbone.pretrained=null", "--set", "data.shots=null"],
         capture_output=True, text=True, cwd=ROOT,
@@ -106,8 +108,11 @@ def test_dry_run_of_the_default_model_reports_the_trainable_counts() -> None:
 
     plan = json.loads(out.stdout)
     assert plan["backbone"] == "ViT-B-16-quickgelu"
+    assert plan["num_tasks"] == 7 and plan["num_classes"] == 60
     for task in plan["tasks"]:
         assert task["trainable_params"] == 12 * (1024 + 8208 + 8704 + 1) + task["classes"] * 16 * 512
+    assert [t["name"] for t in plan["tasks"]][:2] == ["textures", "fashion"]
+    assert plan["tasks"][1]["class_names"][:2] == ["T-shirt/top", "trouser"]
 
 
 # ------------------------------------------------------------------------------------ seeds, sampling

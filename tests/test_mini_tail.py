@@ -112,13 +112,18 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.integration
 def test_pretraining_is_deterministic_and_content_addressed(tmp_path: Path) -> None:
-    a = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path / "a", progress=False, log=lambda m: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a process on more threads than the recipe's: the sidecar says what pretraining ran on
+    try:
+        a = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path / "a", progress=False, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
     b = MC.ensure_weights(recipe=TINY_RECIPE, root=tmp_path / "b", progress=False, log=lambda m: None)
     assert a.name == b.name == f"lada-mini-{TINY_RECIPE.key()}.pt"
     sa, sb = _state(a), _state(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     meta = json.loads(a.with_suffix(".json").read_text())
-    assert meta["key"] == TINY_RECIPE.key() and meta["recipe"]["steps"] == 3
+    assert meta["key"] == TINY_RECIPE.key() and meta["recipe"]["steps"] == 3 and meta["threads"] == TINY_RECIPE.threads == 1
     # a changed recipe is another file, with other weights
     other = MC.with_steps(TINY_RECIPE, 3, seed=1)
     c = MC.ensure_weights(recipe=other, root=tmp_path / "a", progress=False, log=lambda m: None)

@@ -366,9 +366,9 @@ def run_jobs_locally(jobs: Sequence[ShardJob], ctx: BuildContext, backbone: Any 
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
+    from lada_core.progress import Progress
 
-    return tqdm(total=total, unit="img", desc="encoding", disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    return Progress(total, "encoding", "img", units="images", enabled=enabled)
 
 
 def build_cache(
