@@ -53,7 +53,12 @@ from sweeps_helpers import (
 from lada_core import metrics as M
 from sweeps.trainable import REPLAYED
 
-pytestmark = [pytest.mark.fault, pytest.mark.mini_clip]  # every sweep here runs lada_smoke on the mini CLIP
+pytestmark = pytest.mark.fault
+
+# lada_smoke on the small random-init model: what these tests check (every task trained once, every step
+# read once, the outcome of each trial, the messages) does not depend on what is learned, and they need
+# not wait for the mini CLIP's one-time pretraining (the demo, ``test_sweeps_e2e``, runs on it)
+SMOKE = ["--space", "lada_smoke", "--tiny-model"]
 
 BUDGET = ["--time-budget-s", "300"]
 
@@ -175,7 +180,7 @@ def _reference_matrix(dirs: SweepDirs, name: str, config: dict[str, Any]) -> lis
 def test_killed_worker_is_retried_from_its_last_task(dirs: SweepDirs) -> None:
     name = "killed"
     env, release, marker = _hold_after_task(dirs, task=2)
-    proc = _start(dirs, sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "1", "--seed", "3", *BUDGET), env=sweep_env(dirs, env))
+    proc = _start(dirs, sweep_args(dirs, name, *SMOKE, "--num-samples", "1", "--seed", "3", *BUDGET), env=sweep_env(dirs, env))
     folder = dirs.folder(name)
 
     def held_and_recorded() -> tuple[str, int] | None:
@@ -234,7 +239,7 @@ def test_lost_worker_node_trials_move_to_the_other_node(dirs: SweepDirs) -> None
         env = sweep_env(dirs, {k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
         # Every trial's worker is held after task 2 until the release: the kill lands while both
         # nodes hold a trial with tasks to go (one CPU per node: two held trials are on two nodes).
-        args = sweep_args(dirs, name, "--space", "lada_smoke", "--address", cluster.address, "--num-samples", "3",
+        args = sweep_args(dirs, name, *SMOKE, "--address", cluster.address, "--num-samples", "3",
                           "--max-concurrent", "2", "--cpus-per-trial", "1", *BUDGET, local_cpus=None)
         proc = _start(dirs, args, env=env)
         try:
@@ -277,7 +282,7 @@ def test_lost_worker_node_trials_move_to_the_other_node(dirs: SweepDirs) -> None
 # -- 3. a diverging trial --------------------------------------------------------------------------------
 def test_diverging_trial_fails_and_the_sweep_goes_on(dirs: SweepDirs) -> None:
     name = "diverge"
-    res = run_sweep(dirs, sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "3", "--point", "lada.distill_weight=1e300", *BUDGET))
+    res = run_sweep(dirs, sweep_args(dirs, name, *SMOKE, "--num-samples", "3", "--point", "lada.distill_weight=1e300", *BUDGET))
     assert res.returncode == 0, res.stderr[-5000:]
     s = summary(dirs, name)
     assert s["outcomes"] == {"completed": 2, "diverged": 1}, s["outcomes"]
@@ -307,7 +312,7 @@ def test_mlflow_server_down_then_sync(dirs: SweepDirs) -> None:
     server = MlflowServer(dirs.root / "mlflow-server")
     server.start()
     try:
-        args = sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "2", "--max-concurrent", "1", *BUDGET)
+        args = sweep_args(dirs, name, *SMOKE, "--num-samples", "2", "--max-concurrent", "1", *BUDGET)
         args[args.index("--mlflow-uri") + 1] = server.uri
         hold, release, marker = _hold_after_task(dirs, task=1)
         proc = _start(dirs, args, env=sweep_env(dirs, hold))
@@ -453,7 +458,7 @@ def test_disk_full_stops_the_sweep_cleanly_and_resume_finishes(dirs: SweepDirs) 
     name = "diskfull"
     disk = dirs.root / "disk"
     with _small_disk(disk) as ((fill, free), extra, mounted):
-        args = sweep_args(dirs, name, "--space", "lada_smoke", "--num-samples", "2", "--max-concurrent", "1", *BUDGET)
+        args = sweep_args(dirs, name, *SMOKE, "--num-samples", "2", "--max-concurrent", "1", *BUDGET)
         args[args.index("--storage") + 1] = str(disk / "results")
         folder = disk / "results" / name
         extra = {**extra, **_fault_env(dirs, {"search.ask": {"nth": 2, "until": str(dirs.root / "disk-filled")}})}
@@ -521,7 +526,7 @@ def test_read_only_results_folder_is_one_clear_line(dirs: SweepDirs) -> None:
         (ro / "a-file").write_text("x")
         storage, reason = ro / "a-file" / "results", "Not a directory"
     try:
-        args = sweep_args(dirs, "ro", "--space", "lada_smoke", *BUDGET)
+        args = sweep_args(dirs, "ro", *SMOKE, *BUDGET)
         args[args.index("--storage") + 1] = str(storage)
         res = run_sweep(dirs, args, timeout=240)
     finally:

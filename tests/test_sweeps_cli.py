@@ -113,7 +113,7 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
 def test_resource_request_no_node_can_satisfy(dirs: SweepDirs) -> None:
     """A real local Ray with 1 CPU: a 4-CPU trial is an error before the sweep starts, not a trial
     pending forever."""
-    res = run_sweep(dirs, sweep_args(dirs, "toobig", "--space", "lada_smoke", "--cpus-per-trial", "4", local_cpus=1), timeout=240)
+    res = run_sweep(dirs, sweep_args(dirs, "toobig", "--space", "lada_smoke", "--tiny-model", "--cpus-per-trial", "4", local_cpus=1), timeout=240)
     assert res.returncode == 2, res.stderr[-3000:]
     assert "no node can run a trial that needs 4 CPU, 0 GPU" in res.stderr
     assert "1 CPU, 0 GPU" in res.stderr
