@@ -18,6 +18,9 @@ Points and what they accept:
   ``{"exit": CODE}`` ends the worker process at once (as a lost node would); ``{"until": FILE}`` holds
   the worker there until FILE exists (a test then kills it, its node, or a server, at a known point);
   ``"once": MARKER`` acts the first time only (MARKER is created exclusively and holds the worker's pid).
+- ``cache.encode`` (a Ray encoder actor of ``lada-cache --ray``, before it encodes a shard job):
+  ``{"exit": CODE, "once": MARKER}`` ends the actor's process (a lost node), so the driver must hand
+  its jobs to another encoder; ``task`` and ``shard`` narrow it to one job.
 
 Every firing's log line holds the point, the pid, the time, the plan's entry and where it fired
 (``task`` for ``trial.after_task``).

@@ -28,6 +28,7 @@ from typing import Any
 
 from lada_core.config import ConfigError
 from lada_core.features.cache import BuildContext, CacheError, ShardJob, _progress, _shard_ok, encode_shard
+from sweeps import faults
 
 IN_FLIGHT_PER_WORKER = 2
 MAX_ATTEMPTS = 3  # per job, when the actor running it dies (node lost, OOM): the job goes to another actor
@@ -54,6 +55,7 @@ class _Encoder:
         return socket.gethostname(), os.getpid(), str(self.device)
 
     def encode(self, job: ShardJob) -> tuple[str, int, str]:
+        faults.at("cache.encode", task=job.task_index, shard=job.shard)
         encode_shard(job, self.ctx.benchmark.tasks[job.task_index], self.backbone, self.device, self.ctx.batch_size, self.ctx.num_workers)
         return job.path, job.rows, socket.gethostname()
 
@@ -202,91 +204,149 @@ class RayJobRunner:
 
     def _run(self, jobs: list[ShardJob], ctx: BuildContext) -> None:
         import ray
-        import ray.exceptions
 
         n, cpw, gpw, device = self._plan(ctx, len(jobs))
-        actor_ctx = dataclasses.replace(ctx, device=device)
-        ctx_ref = ray.put(actor_ctx)  # the benchmark travels once through the object store
+        ctx_ref = ray.put(dataclasses.replace(ctx, device=device))  # the benchmark travels once through the object store
         Encoder: Any = ray.remote(_Encoder).options(num_cpus=cpw, num_gpus=gpw, max_restarts=0, max_concurrency=1)
         threads = max(1, int(cpw))
-        actors: list[Any] = [Encoder.remote(ctx_ref, threads) for _ in range(n)]
         self.log(f"lada-cache: {len(jobs)} shards on {n} Ray encoder(s) ({cpw:g} CPU{', 1 GPU' if gpw else ''} each, device {device})")
-
-        todo: deque[ShardJob] = deque(jobs)
-        attempts: dict[str, int] = {}
-        waiting_ready: dict[Any, Any] = {a.ready.remote(): a for a in actors}  # ready ref -> actor
-        free_slots: dict[Any, int] = {}  # ready actor -> free job slots
-        inflight: dict[Any, tuple[Any, ShardJob]] = {}  # job ref -> (actor, job)
-        hosts: set[str] = set()
-        init_errors: list[str] = []
-        t_start = time.time()
         total_rows = sum(j.rows for j in jobs)
-        bar: Any = None  # created when the first encoder is ready, so that img/s and ETA exclude start-up
+        fan = _FanOut(
+            lambda: Encoder.remote(ctx_ref, threads),
+            n,
+            jobs,
+            need=f"{cpw:g} CPU{' + 1 GPU' if gpw else ''}",
+            start_timeout_s=self.start_timeout_s,
+            make_bar=lambda: _progress(total_rows, self.progress),
+        )
         try:
-            while todo or inflight:
-                for actor, slots in list(free_slots.items()):
-                    while slots > 0 and todo:
-                        job = todo.popleft()
-                        inflight[actor.encode.remote(job)] = (actor, job)
-                        slots -= 1
-                    free_slots[actor] = slots
-                if not inflight and not free_slots and not waiting_ready:
-                    raise CacheError("every Ray encoder failed to start: " + "; ".join(dict.fromkeys(init_errors)))
-                refs = list(inflight) + list(waiting_ready)
-                done, _ = ray.wait(refs, num_returns=1, timeout=30.0)
-                if not done:
-                    if not free_slots and time.time() - t_start > self.start_timeout_s:
-                        raise RayUnavailable(
-                            f"no Ray encoder started within {self.start_timeout_s:.0f}s (the cluster is busy or cannot "
-                            f"host {cpw:g} CPU{' + 1 GPU' if gpw else ''} per encoder)"
-                        )
-                    continue
-                ref = done[0]
-                if ref in waiting_ready:
-                    actor = waiting_ready.pop(ref)
-                    try:
-                        host, _pid, _dev = ray.get(ref)
-                        hosts.add(host)
-                        free_slots[actor] = IN_FLIGHT_PER_WORKER
-                        if bar is None:
-                            bar = _progress(total_rows, self.progress)
-                    except Exception as exc:  # the actor's constructor failed (unknown model, no weights, ...)
-                        cause = _unwrap(exc)
-                        if not isinstance(cause, ray.exceptions.RayError):
-                            raise cause from None
-                        init_errors.append(_first_line(cause))
-                    continue
-                actor, job = inflight.pop(ref)
-                try:
-                    _path, rows, host = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:
-                    raise _unwrap(exc) from None  # DataError naming the image, CacheError, ...
-                except ray.exceptions.RayError as exc:  # the actor died: retry its job elsewhere
-                    free_slots.pop(actor, None)
-                    attempts[job.path] = attempts.get(job.path, 0) + 1
-                    if attempts[job.path] >= MAX_ATTEMPTS:
-                        raise CacheError(f"shard {job.path}: encoder died {MAX_ATTEMPTS} times ({_first_line(exc)})") from None
-                    todo.appendleft(job)
-                    if not free_slots and not waiting_ready and not any(a is not actor for a, _ in inflight.values()):
-                        replacement = Encoder.remote(ctx_ref, threads)
-                        actors.append(replacement)
-                        waiting_ready[replacement.ready.remote()] = replacement
-                    continue
-                if not _shard_ok(job):
-                    raise CacheError(
-                        f"shard {job.path} was written on node {host} but is not visible here: the cache root must be "
-                        f"storage shared by every Ray node (NFS, a mounted bucket)"
-                    )
-                free_slots[actor] = free_slots.get(actor, 0) + 1
-                if bar is not None:
-                    bar.update(rows)
+            fan.run()
         finally:
-            if bar is not None:
-                bar.close()
-            for a in actors:
-                ray.kill(a)
-        secs = time.time() - t_start
-        self.summary = {"workers": n, "hosts": sorted(hosts), "seconds": secs, "rows": sum(j.rows for j in jobs)}
+            fan.close()
+        self.summary = {"workers": n, "hosts": sorted(fan.hosts), "seconds": time.time() - fan.t_start, "rows": total_rows}
+
+
+class _FanOut:
+    """The driver's side of one fan-out: encoders starting, encoders with free job slots, jobs in flight.
+
+    Jobs go to free slots (``IN_FLIGHT_PER_WORKER`` per encoder); a job whose encoder died goes back to
+    the front of the queue (at most ``MAX_ATTEMPTS`` times), and a replacement encoder starts when no
+    other encoder is left to take it. The progress bar starts with the first ready encoder, so that
+    img/s and ETA exclude start-up."""
+
+    def __init__(
+        self,
+        new_actor: Callable[[], Any],
+        n: int,
+        jobs: Sequence[ShardJob],
+        need: str,
+        start_timeout_s: float,
+        make_bar: Callable[[], Any],
+    ) -> None:
+        self.new_actor = new_actor
+        self.need = need
+        self.start_timeout_s = start_timeout_s
+        self.make_bar = make_bar
+        self.todo: deque[ShardJob] = deque(jobs)
+        self.attempts: dict[str, int] = {}
+        self.actors: list[Any] = []
+        self.waiting_ready: dict[Any, Any] = {}  # ready ref -> actor
+        self.free_slots: dict[Any, int] = {}  # ready actor -> free job slots
+        self.inflight: dict[Any, tuple[Any, ShardJob]] = {}  # job ref -> (actor, job)
+        self.hosts: set[str] = set()
+        self.init_errors: list[str] = []
+        self.bar: Any = None
+        self.t_start = time.time()
+        for _ in range(n):
+            self._start_actor()
+
+    def _start_actor(self) -> None:
+        actor = self.new_actor()
+        self.actors.append(actor)
+        self.waiting_ready[actor.ready.remote()] = actor
+
+    def run(self) -> None:
+        import ray
+
+        while self.todo or self.inflight:
+            self._hand_out()
+            if not self.inflight and not self.free_slots and not self.waiting_ready:
+                raise CacheError("every Ray encoder failed to start: " + "; ".join(dict.fromkeys(self.init_errors)))
+            done, _ = ray.wait(list(self.inflight) + list(self.waiting_ready), num_returns=1, timeout=30.0)
+            if not done:
+                if not self.free_slots and time.time() - self.t_start > self.start_timeout_s:
+                    raise RayUnavailable(
+                        f"no Ray encoder started within {self.start_timeout_s:.0f}s (the cluster is busy or cannot "
+                        f"host {self.need} per encoder)"
+                    )
+            elif done[0] in self.waiting_ready:
+                self._on_ready(done[0])
+            else:
+                self._on_done(done[0])
+
+    def _hand_out(self) -> None:
+        for actor, slots in list(self.free_slots.items()):
+            while slots > 0 and self.todo:
+                job = self.todo.popleft()
+                self.inflight[actor.encode.remote(job)] = (actor, job)
+                slots -= 1
+            self.free_slots[actor] = slots
+
+    def _on_ready(self, ref: Any) -> None:
+        import ray
+        import ray.exceptions
+
+        actor = self.waiting_ready.pop(ref)
+        try:
+            host, _pid, _dev = ray.get(ref)
+        except Exception as exc:  # the actor's constructor failed (unknown model, no weights, ...)
+            cause = _unwrap(exc)
+            if not isinstance(cause, ray.exceptions.RayError):
+                raise cause from None
+            self.init_errors.append(_first_line(cause))
+            return
+        self.hosts.add(host)
+        self.free_slots[actor] = IN_FLIGHT_PER_WORKER
+        if self.bar is None:
+            self.bar = self.make_bar()
+
+    def _on_done(self, ref: Any) -> None:
+        import ray
+        import ray.exceptions
+
+        actor, job = self.inflight.pop(ref)
+        try:
+            _path, rows, host = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            raise _unwrap(exc) from None  # DataError naming the image, CacheError, ...
+        except ray.exceptions.RayError as exc:  # the actor died: retry its job elsewhere
+            self._on_died(actor, job, exc)
+            return
+        if not _shard_ok(job):
+            raise CacheError(
+                f"shard {job.path} was written on node {host} but is not visible here: the cache root must be "
+                f"storage shared by every Ray node (NFS, a mounted bucket)"
+            )
+        self.free_slots[actor] = self.free_slots.get(actor, 0) + 1
+        if self.bar is not None:
+            self.bar.update(rows)
+
+    def _on_died(self, actor: Any, job: ShardJob, exc: BaseException) -> None:
+        self.free_slots.pop(actor, None)
+        self.attempts[job.path] = self.attempts.get(job.path, 0) + 1
+        if self.attempts[job.path] >= MAX_ATTEMPTS:
+            raise CacheError(f"shard {job.path}: encoder died {MAX_ATTEMPTS} times ({_first_line(exc)})") from None
+        self.todo.appendleft(job)
+        if not self.free_slots and not self.waiting_ready and not any(a is not actor for a, _ in self.inflight.values()):
+            self._start_actor()
+
+    def close(self) -> None:
+        import ray
+
+        if self.bar is not None:
+            self.bar.close()
+        for a in self.actors:
+            ray.kill(a)
 
 
 __all__ = ["RayJobRunner", "RayUnavailable"]

@@ -433,15 +433,20 @@ def test_cache_cli_without_ray_never_imports_ray(built: Path) -> None:
 
 
 @pytest.mark.integration
-def test_ray_fan_out_builds_the_same_cache(bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ray_fan_out_builds_the_same_cache(bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Two CPU encoder actors on a local Ray (one CPU, one torch thread each) against the local runner
-    with one torch thread: the same manifest, the same bytes. (Float results depend on the CPU thread
-    count, so the comparison holds the numeric set-up fixed.)"""
+    with one torch thread: the same manifest, the same bytes, although one encoder dies on its first
+    shard job (the fault seam ``cache.encode``) and its jobs go to the other. (Float results depend on
+    the CPU thread count, so the comparison holds the numeric set-up fixed.)"""
     import ray  # the sweep extra is always installed in CI: no skip
     import torch
 
+    from sweeps import faults
     from sweeps.cache_cli import main as cli_main
 
+    log = tmp_path / "faults.jsonl"
+    monkeypatch.setenv(faults.PLAN_ENV, json.dumps({"cache.encode": {"exit": 1, "once": str(tmp_path / "died")}}))
+    monkeypatch.setenv(faults.LOG_ENV, str(log))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         capsys.readouterr()
@@ -451,6 +456,8 @@ def test_ray_fan_out_builds_the_same_cache(bench: Path, tmp_path: Path, capsys: 
         ray_cache = Path(out.strip().splitlines()[-1])
     finally:
         ray.shutdown()
+        monkeypatch.delenv(faults.PLAN_ENV)
+    assert len(faults.fired(log, "cache.encode")) == 1, log.read_text() if log.exists() else "no fault fired"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
