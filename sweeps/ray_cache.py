@@ -209,13 +209,14 @@ class RayJobRunner:
         ctx_ref = ray.put(dataclasses.replace(ctx, device=device))  # the benchmark travels once through the object store
         Encoder: Any = ray.remote(_Encoder).options(num_cpus=cpw, num_gpus=gpw, max_restarts=0, max_concurrency=1)
         threads = max(1, int(cpw))
-        self.log(f"lada-cache: {len(jobs)} shards on {n} Ray encoder(s) ({cpw:g} CPU{', 1 GPU' if gpw else ''} each, device {device})")
+        need = f"{cpw:g} CPU{' + 1 GPU' if gpw else ''}"
+        self.log(f"lada-cache: {len(jobs)} shards on {n} Ray encoder(s) ({need} each, device {device})")
         total_rows = sum(j.rows for j in jobs)
         fan = _FanOut(
             lambda: Encoder.remote(ctx_ref, threads),
             n,
             jobs,
-            need=f"{cpw:g} CPU{' + 1 GPU' if gpw else ''}",
+            need=need,
             start_timeout_s=self.start_timeout_s,
             make_bar=lambda: _progress(total_rows, self.progress),
         )

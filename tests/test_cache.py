@@ -456,7 +456,6 @@ def test_ray_fan_out_builds_the_same_cache(bench: Path, tmp_path: Path, capsys: 
         ray_cache = Path(out.strip().splitlines()[-1])
     finally:
         ray.shutdown()
-        monkeypatch.delenv(faults.PLAN_ENV)
     assert len(faults.fired(log, "cache.encode")) == 1, log.read_text() if log.exists() else "no fault fired"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
